@@ -1,0 +1,32 @@
+"""``airflow asyncq ...`` command definitions. Commands load lazily, so ``airflow --help`` stays fast."""
+
+from __future__ import annotations
+
+from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand, lazy_load_command
+
+ARG_QUEUES = Arg(("-q", "--queues"), help="Comma-separated queues to consume (default: [asyncq] default_queue)")
+ARG_CONCURRENCY = Arg(("-c", "--concurrency"), help="Airflow workload slots (default: [asyncq] worker_concurrency)")
+ARG_HOSTNAME = Arg(("-H", "--hostname"), help="Celery node name (default: asyncq@%%h)")
+ARG_SKIP_SERVE_LOGS = Arg(("-s", "--skip-serve-logs"), action="store_true",
+                          help="Do not serve running tasks' logs (another process on this host does)")
+ARG_VERBOSE = Arg(("-v", "--verbose"), action="store_true", help="Log at DEBUG level")
+ARG_JSON = Arg(("--json",), action="store_true", help="Print JSON instead of a table")
+
+ASYNCQ_COMMANDS = (
+    ActionCommand(
+        name="worker",
+        help="Start an AsyncQ worker (a Celery worker that forks Airflow workloads from a warm parent)",
+        func=lazy_load_command("airflow_asyncq_provider.worker.command.worker"),
+        args=(ARG_QUEUES, ARG_CONCURRENCY, ARG_HOSTNAME, ARG_SKIP_SERVE_LOGS, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="status",
+        help="Show the fleet: each live worker, its queues, slots and running tasks",
+        func=lazy_load_command("airflow_asyncq_provider.cli.status.status"),
+        args=(ARG_JSON,),
+    ),
+)
+
+
+def get_asyncq_cli_commands() -> list[GroupCommand]:
+    return [GroupCommand(name="asyncq", help="AsyncQ executor fleet", subcommands=ASYNCQ_COMMANDS)]

@@ -1,0 +1,23 @@
+"""The provider's exception tree. Third-party errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class AsyncQError(Exception):
+    """Base of every error this provider raises on purpose."""
+
+
+class ConfigError(AsyncQError):
+    """An ``[asyncq]`` option or a CLI argument has a value we cannot use; the message names it."""
+
+
+class BrokerUnavailable(AsyncQError):
+    """Redis did not answer at the configured URL (shown masked)."""
+
+
+class PublishError(AsyncQError):
+    """A workload could not be published within ``[asyncq] publish_timeout``."""
+
+
+class MalformedMessage(AsyncQError):
+    """A queue message that is not a valid JSON workload; it goes to the dead-letter list."""

@@ -1,0 +1,123 @@
+"""Provider metadata read by Airflow's ProvidersManager.
+
+Every ``[asyncq]`` option is declared here once, with its type, default and example; ``settings.py``
+turns them into a typed object. Nothing here imports Celery or Redis, because the api-server and DAG
+parsing load this module too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_asyncq_provider import __version__
+
+
+def _opt(description: str, type_: str, default: str | None, example: str | None = None,
+         sensitive: bool = False) -> dict[str, Any]:
+    return {
+        "description": description,
+        "version_added": "0.1.0",
+        "type": type_,
+        "example": example,
+        "default": default,
+        "sensitive": sensitive,
+    }
+
+
+CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
+    "broker_url": _opt(
+        "Redis URL of the broker and of the fleet's state (event stream, task records, worker "
+        "registry). Schemes: redis://, rediss:// (TLS), redis+socket://. Put an ACL user and password "
+        "in the URL (redis://user:password@host:6379/0). It is shown masked in every log and CLI output.",
+        "string", "redis://127.0.0.1:6379/0", "rediss://airflow:secret@redis.internal:6380/0",
+        sensitive=True,
+    ),
+    "default_queue": _opt(
+        "Queue a worker consumes when started without -q, and the queue callbacks are sent to.",
+        "string", "default", "default",
+    ),
+    "worker_concurrency": _opt(
+        "How many Airflow workloads one worker runs at the same time (fork slots). Idle slots cost no "
+        "memory: each workload is forked when it starts.",
+        "integer", "8", "16",
+    ),
+    "publish_timeout": _opt(
+        "Seconds one publish to the broker may take before the executor gives up on it for this "
+        "heartbeat and tries again on the next one.",
+        "float", "5.0", "2.0",
+    ),
+    "publish_max_retries": _opt(
+        "How many heartbeats in a row the executor retries a workload whose publish failed before it "
+        "reports the task instance failed with the broker error as reason.",
+        "integer", "3", "5",
+    ),
+    "event_batch_size": _opt(
+        "Most events the executor reads from the event stream in one heartbeat. The rest are read on "
+        "the next heartbeat, so one busy moment cannot stall the scheduler loop.",
+        "integer", "5000", "5000",
+    ),
+    "event_stream_maxlen": _opt(
+        "Approximate length the event stream is trimmed to. Must be far larger than the number of "
+        "events produced between two scheduler heartbeats.",
+        "integer", "200000", "200000",
+    ),
+    "state_ttl": _opt(
+        "Seconds a task's record (published, claimed, finished) is kept in Redis. Adoption after a "
+        "scheduler restart needs it, so keep it longer than your longest task plus queue time.",
+        "integer", "604800", "604800",
+    ),
+    "worker_heartbeat_interval": _opt(
+        "Seconds between two heartbeats of a worker to the registry.",
+        "float", "5.0", "5.0",
+    ),
+    "worker_lost_timeout": _opt(
+        "Seconds without a worker heartbeat after which the executor reports every task that worker "
+        "ran as failed with the reason 'worker <name> lost', so Airflow's retries take over.",
+        "float", "30.0", "30.0",
+    ),
+    "unconsumed_queue_warning": _opt(
+        "Seconds a workload may wait unclaimed on a queue that no live worker consumes before the "
+        "scheduler logs a warning that names the queue and the command that would serve it.",
+        "float", "60.0", "60.0",
+    ),
+    "visibility_timeout": _opt(
+        "Redis transport visibility timeout in seconds. Messages are acknowledged when a slot starts "
+        "them, so this only bounds how long a message reserved by a worker that died before starting "
+        "it waits before Redis hands it to another worker.",
+        "integer", "3600", "3600",
+    ),
+    "key_prefix": _opt(
+        "Prefix of every Redis key the fleet writes, so several Airflow deployments can share one Redis.",
+        "string", "asyncq", "asyncq-prod",
+    ),
+    "ssl_ca_certs": _opt("CA bundle that verifies the Redis server, for rediss:// URLs.",
+                         "string", "", "/etc/ssl/redis/ca.pem"),
+    "ssl_certfile": _opt("Client certificate for mutual TLS with Redis, for rediss:// URLs.",
+                         "string", "", "/etc/ssl/redis/client.pem"),
+    "ssl_keyfile": _opt("Private key of the client certificate, for rediss:// URLs.",
+                        "string", "", "/etc/ssl/redis/client.key", sensitive=True),
+    "ssl_cert_reqs": _opt("Whether the Redis server certificate must verify: required, optional or none.",
+                          "string", "required", "required"),
+    "fork_preload_modules": _opt(
+        "Comma-separated extra modules the worker's warm fork parent imports before it freezes its "
+        "heap, for example heavy libraries your tasks use. Every forked workload shares them.",
+        "string", "", "pandas,numpy",
+    ),
+}
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-asyncq-provider",
+        "name": "AsyncQ",
+        "description": "AsyncQExecutor: Airflow task instances on a memory-aware Celery fleet over Redis.",
+        "versions": [__version__],
+        "executors": ["airflow_asyncq_provider.executors.asyncq_executor.AsyncQExecutor"],
+        "cli": ["airflow_asyncq_provider.cli.definition.get_asyncq_cli_commands"],
+        "config": {
+            "asyncq": {
+                "description": "AsyncQExecutor and its worker fleet (`airflow asyncq worker`).",
+                "options": CONFIG_OPTIONS,
+            }
+        },
+    }

@@ -1,0 +1,124 @@
+"""Typed settings: the one place that turns ``[asyncq]`` config into values we trust.
+
+``load_settings`` is pure apart from reading the config object it is given, so tests pass a stub and
+nothing reads config at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+from airflow_asyncq_provider.errors import ConfigError
+from airflow_asyncq_provider.get_provider_info import CONFIG_OPTIONS
+from airflow_asyncq_provider.state.urls import validate_broker_url
+
+SECTION = "asyncq"
+
+
+class ConfigSource(Protocol):
+    def get(self, section: str, key: str, fallback: Any = ...) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncQSettings:
+    broker_url: str
+    default_queue: str = "default"
+    worker_concurrency: int = 8
+    publish_timeout: float = 5.0
+    publish_max_retries: int = 3
+    event_batch_size: int = 5000
+    event_stream_maxlen: int = 200_000
+    state_ttl: int = 604_800
+    worker_heartbeat_interval: float = 5.0
+    worker_lost_timeout: float = 30.0
+    unconsumed_queue_warning: float = 60.0
+    visibility_timeout: int = 3600
+    key_prefix: str = "asyncq"
+    ssl_ca_certs: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_cert_reqs: str = "required"
+    fork_preload_modules: tuple[str, ...] = ()
+
+
+def _fix_hint(key: str) -> str:
+    return f"set [{SECTION}] {key} in airflow.cfg or AIRFLOW__{SECTION.upper()}__{key.upper()}"
+
+
+def _number(key: str, raw: str, kind: type, minimum: float, allow_equal: bool = False) -> Any:
+    try:
+        value = kind(str(raw).strip())
+    except ValueError:
+        raise ConfigError(
+            f"[{SECTION}] {key} must be {'an integer' if kind is int else 'a number'}, got {raw!r}; "
+            f"{_fix_hint(key)}"
+        ) from None
+    if value < minimum or (value == minimum and not allow_equal):
+        bound = f">= {minimum}" if allow_equal else f"> {minimum}"
+        raise ConfigError(f"[{SECTION}] {key} must be {bound}, got {raw!r}; {_fix_hint(key)}")
+    return value
+
+
+def validate_queue_name(name: str, source: str) -> str:
+    """Queue names end up as Redis keys and CLI arguments; reject the ones that silently never match."""
+    stripped = name.strip()
+    if not stripped or any(ch.isspace() for ch in stripped) or "," in stripped:
+        raise ConfigError(
+            f"{source}: queue name {name!r} is empty or contains whitespace or a comma; "
+            "use names like 'default' or 'high_mem'"
+        )
+    return stripped
+
+
+def load_settings(conf: ConfigSource | None = None) -> AsyncQSettings:
+    if conf is None:
+        from airflow.configuration import conf as airflow_conf
+
+        conf = airflow_conf
+
+    def raw(key: str) -> str:
+        default = CONFIG_OPTIONS[key]["default"]
+        value = conf.get(SECTION, key, fallback=default)
+        return default if value is None else str(value)
+
+    ssl_cert_reqs = raw("ssl_cert_reqs").strip().lower()
+    if ssl_cert_reqs not in ("required", "optional", "none"):
+        raise ConfigError(
+            f"[{SECTION}] ssl_cert_reqs must be required, optional or none, got {ssl_cert_reqs!r}; "
+            f"{_fix_hint('ssl_cert_reqs')}"
+        )
+    key_prefix = raw("key_prefix").strip()
+    if not key_prefix or any(ch.isspace() for ch in key_prefix):
+        raise ConfigError(f"[{SECTION}] key_prefix must be a non-empty word, got {key_prefix!r}")
+    settings = AsyncQSettings(
+        broker_url=validate_broker_url(raw("broker_url").strip(), f"[{SECTION}] broker_url"),
+        default_queue=validate_queue_name(raw("default_queue"), f"[{SECTION}] default_queue"),
+        worker_concurrency=_number("worker_concurrency", raw("worker_concurrency"), int, 0),
+        publish_timeout=_number("publish_timeout", raw("publish_timeout"), float, 0),
+        publish_max_retries=_number("publish_max_retries", raw("publish_max_retries"), int, 0, True),
+        event_batch_size=_number("event_batch_size", raw("event_batch_size"), int, 0),
+        event_stream_maxlen=_number("event_stream_maxlen", raw("event_stream_maxlen"), int, 1000, True),
+        state_ttl=_number("state_ttl", raw("state_ttl"), int, 60, True),
+        worker_heartbeat_interval=_number(
+            "worker_heartbeat_interval", raw("worker_heartbeat_interval"), float, 0
+        ),
+        worker_lost_timeout=_number("worker_lost_timeout", raw("worker_lost_timeout"), float, 0),
+        unconsumed_queue_warning=_number(
+            "unconsumed_queue_warning", raw("unconsumed_queue_warning"), float, 0
+        ),
+        visibility_timeout=_number("visibility_timeout", raw("visibility_timeout"), int, 0),
+        key_prefix=key_prefix,
+        ssl_ca_certs=raw("ssl_ca_certs").strip(),
+        ssl_certfile=raw("ssl_certfile").strip(),
+        ssl_keyfile=raw("ssl_keyfile").strip(),
+        ssl_cert_reqs=ssl_cert_reqs,
+        fork_preload_modules=tuple(m.strip() for m in raw("fork_preload_modules").split(",") if m.strip()),
+    )
+    if settings.worker_lost_timeout < 2 * settings.worker_heartbeat_interval:
+        raise ConfigError(
+            f"[{SECTION}] worker_lost_timeout ({settings.worker_lost_timeout}) must be at least twice "
+            f"worker_heartbeat_interval ({settings.worker_heartbeat_interval}), or one late heartbeat "
+            "would report a healthy worker lost"
+        )
+    return settings

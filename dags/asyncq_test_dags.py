@@ -1,0 +1,114 @@
+"""DAGs the system tests drive: retries with a visible reason, queue routing, priority, side effects.
+
+Each task appends one line to ``$ASYNCQ_SIDE_EFFECTS`` (when set), so tests can count how many times
+every task instance really ran.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pendulum
+
+from airflow.sdk import dag, get_current_context, task
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+def _record(tag: str) -> None:
+    path = os.environ.get("ASYNCQ_SIDE_EFFECTS")
+    if not path:
+        return
+    ctx = get_current_context()
+    ti = ctx["ti"]
+    line = (f"{tag} {ti.dag_id} {ti.task_id} {ti.map_index} {ti.try_number} {ctx['run_id']} "
+            f"{socket.gethostname()} {os.environ.get('ASYNCQ_WORKER_NAME', '')} {time.time():.3f}\n")
+    with open(path, "a") as fh:
+        fh.write(line)
+
+
+@dag(dag_id="asyncq_test_retry", schedule=None, start_date=START, catchup=False)
+def asyncq_test_retry():
+    @task(retries=1, retry_delay=datetime.timedelta(seconds=1))
+    def always_fails() -> None:
+        _record("run")
+        raise RuntimeError("deliberate failure from asyncq_test_retry")
+
+    always_fails()
+
+
+@dag(dag_id="asyncq_test_queues", schedule=None, start_date=START, catchup=False)
+def asyncq_test_queues():
+    @task(queue="high_mem")
+    def on_high_mem() -> str:
+        _record("run")
+        return os.environ.get("ASYNCQ_WORKER_NAME", "")
+
+    @task
+    def on_default() -> str:
+        _record("run")
+        return os.environ.get("ASYNCQ_WORKER_NAME", "")
+
+    on_high_mem()
+    on_default()
+
+
+@dag(dag_id="asyncq_test_blocker", schedule=None, start_date=START, catchup=False)
+def asyncq_test_blocker():
+    @task(queue="prio", priority_weight=1)
+    def blocker() -> None:
+        _record("start")
+        time.sleep(12)
+
+    blocker()
+
+
+@dag(dag_id="asyncq_test_priority", schedule=None, start_date=START, catchup=False, max_active_tasks=16)
+def asyncq_test_priority():
+    """Low-priority work is published first; the high-priority task is published later (after gate)."""
+
+    @task(queue="prio", priority_weight=1, weight_rule="absolute")
+    def low(i: int) -> None:
+        _record("start")
+
+    @task(weight_rule="absolute")
+    def gate() -> None:
+        time.sleep(1)
+
+    @task(queue="prio", priority_weight=1000, weight_rule="absolute")
+    def high() -> None:
+        _record("start")
+
+    low.expand(i=[1, 2, 3])
+    gate() >> high()
+
+
+@dag(dag_id="asyncq_test_sleepers", schedule=None, start_date=START, catchup=False, params={"n": 6, "s": 6})
+def asyncq_test_sleepers():
+    @task
+    def items() -> list[int]:
+        ctx = get_current_context()
+        return list(range(int(ctx["params"]["n"])))
+
+    @task
+    def sleeper(i: int) -> int:
+        _record("run")
+        time.sleep(float(get_current_context()["params"]["s"]))
+        return i
+
+    @task
+    def gather(values: list[int]) -> int:
+        _record("run")
+        return sum(values)
+
+    gather(sleeper.expand(i=items()))
+
+
+asyncq_test_retry()
+asyncq_test_queues()
+asyncq_test_blocker()
+asyncq_test_priority()
+asyncq_test_sleepers()
