@@ -232,8 +232,9 @@ class AsyncQExecutor(BaseExecutor):
         if self._tracked and now >= self._next_liveness:
             self._next_liveness = now + LIVENESS_EVERY
             self._guarded(self._check_worker_liveness)
+        assert self.settings is not None
         if self._tracked and now >= self._next_queue_check:
-            self._next_queue_check = now + QUEUE_CHECK_EVERY
+            self._next_queue_check = now + min(QUEUE_CHECK_EVERY, self.settings.unconsumed_queue_warning / 2)
             self._guarded(self._warn_unconsumed_queues)
 
     def _guarded(self, step: Any) -> None:
