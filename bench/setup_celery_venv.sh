@@ -50,8 +50,8 @@ if [ -e "$VENV" ]; then
 fi
 echo "creating $VENV with $PYTHON"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "${REQUIREMENTS[@]}"
+# The local mirror prints one warning per package it does not hold; keep the real errors only.
+"$VENV/bin/python" -m pip install --quiet "${REQUIREMENTS[@]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$SPEC" >"$MARKER"
 if ! check; then
     echo "error: $VENV was built but does not import CeleryExecutor at the pinned versions" >&2

@@ -112,3 +112,15 @@ asyncq_test_queues()
 asyncq_test_blocker()
 asyncq_test_priority()
 asyncq_test_sleepers()
+
+
+@dag(dag_id="asyncq_test_nobody", schedule=None, start_date=START, catchup=False)
+def asyncq_test_nobody():
+    @task(queue="nobody_listens")
+    def stranded() -> None:
+        _record("run")
+
+    stranded()
+
+
+asyncq_test_nobody()

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (see docs/BENCHMARKS.md); not part of the distribution."""

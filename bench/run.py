@@ -1,0 +1,288 @@
+"""Side-by-side benchmark: AsyncQExecutor vs CeleryExecutor vs LocalExecutor on one mapped DAG.
+
+    .venv/bin/python bench/run.py [--n 100] [--repeats 3] [--executors asyncq,celery,local]
+
+Each run starts a fresh deployment (api-server, scheduler, dag-processor, triggerer and, except for
+LocalExecutor, one worker at concurrency 8) on its own PostgreSQL database and Redis DB, measures the
+worker tree's idle PSS, triggers ``asyncq_bench`` (N mapped no-op tasks), waits for it, reads the run's
+and the task instances' timestamps over REST, and stops everything. Runs are interleaved
+(A, C, L, A, C, L, ...) so that slow drifts of a shared machine hit every executor alike.
+Raw results go to ``bench/results/latest.json``; see docs/BENCHMARKS.md for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+import redis  # noqa: E402
+
+from bench import measure  # noqa: E402
+from bench.stacks import EXECUTORS, BenchStack, ExecutorSpec  # noqa: E402
+
+DAG_ID = "asyncq_bench"
+TARGETS = (  # (metric, versus, at most) from the issue
+    ("wall_s", "celery", 0.5),
+    ("wall_s", "local", 0.8),
+    ("idle_pss_mib", "celery", 0.25),
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- preparation
+def ensure_celery_venv() -> None:
+    subprocess.run(["bash", str(REPO / "bench" / "setup_celery_venv.sh")], check=True)
+
+
+def recreate_database(spec: ExecutorSpec) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{spec.database}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{spec.database}"')
+    conn.close()
+
+
+def flush_redis(spec: ExecutorSpec) -> None:
+    assert spec.redis_db in (10, 11, 12), "the benchmark owns Redis DBs 10-12 only"
+    client = redis.Redis(host="127.0.0.1", port=6379, db=spec.redis_db)
+    client.flushdb()
+    client.close()
+
+
+def versions(spec: ExecutorSpec) -> dict[str, str]:
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('apache-airflow', 'celery', 'kombu')}))")
+    python = spec.airflow.with_name("python")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+# ---------------------------------------------------------------- one run
+def run_once(spec: ExecutorSpec, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
+    home = args.home / f"{spec.name}-{repeat}"
+    shutil.rmtree(home, ignore_errors=True)
+    flush_redis(spec)
+    result: dict[str, Any] = {"executor": spec.name, "repeat": repeat, "home": str(home),
+                              "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    stack = BenchStack(spec, home, n=args.n, parallelism=args.parallelism, concurrency=args.concurrency)
+    started = time.monotonic()
+    try:
+        stack.start_core()
+        stack.start_bench_worker()
+        stack.wait_ready(args.ready_timeout)
+        result["startup_s"] = round(time.monotonic() - started, 1)
+        time.sleep(args.settle)
+        root = stack.memory_root()
+        idle = measure.idle_pss(root)
+        result["idle_pss_mib"] = idle["pss_mib"]
+        result["idle_pss_samples_mib"] = idle["samples_mib"]
+        result["idle_pss_processes"] = idle["processes"]
+        result["worker_tree_is"] = "scheduler" if root == stack.procs["scheduler"].pid else "worker"
+        result["scheduler_idle_pss_mib"] = measure.tree_pss(stack.procs["scheduler"].pid)["pss_mib"]
+        result["loadavg_at_trigger"] = [round(x, 2) for x in os.getloadavg()]
+        run_id = f"bench-{spec.name}-{repeat}-{int(time.time())}"
+        triggered = time.time()
+        with measure.PeakSampler(root) as sampler:
+            stack.trigger(DAG_ID, run_id=run_id)
+            stack.wait_run(DAG_ID, run_id, timeout=args.run_timeout)
+        result["peak_pss_mib"] = sampler.peak_mib
+        dag_run = stack.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+        tis = stack.task_instances(DAG_ID, run_id)
+        result.update(measure.run_figures(dag_run, tis))
+        end = measure.parse_ts(dag_run.get("end_date"))
+        result["trigger_to_end_s"] = round(end.timestamp() - triggered, 3) if end else None
+        result["ok"] = dag_run.get("state") == "success" and result["ti_states"] == {"success": args.n}
+        if not result["ok"]:
+            result["error"] = f"run state {dag_run.get('state')}, task states {result['ti_states']}"
+    except Exception as exc:
+        result["ok"] = False
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        stack.stop()
+        result["strays"] = kill_strays(stack)
+    return result
+
+
+def kill_strays(stack: BenchStack) -> list[str]:
+    """Processes of this deployment that outlived Stack.stop() (they left its process groups)."""
+    found = stack.strays()
+    described = []
+    for proc in found:
+        try:
+            described.append(f"{proc.pid} {' '.join(proc.cmdline())[:100]}")
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(found, timeout=10)
+    if described:
+        log(f"  killed {len(described)} process(es) left after stop: {described}")
+    return described
+
+
+# ---------------------------------------------------------------- summary
+def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    metrics = ("wall_s", "latency_median_s", "latency_p95_s", "idle_pss_mib", "peak_pss_mib",
+               "scheduler_idle_pss_mib", "trigger_to_end_s")
+    per_executor: dict[str, dict[str, Any]] = {}
+    for name in names:
+        good = [r for r in runs if r["executor"] == name and r.get("ok")]
+        per_executor[name] = {m: measure.median([r.get(m) for r in good]) for m in metrics}
+        per_executor[name]["runs_ok"] = len(good)
+        per_executor[name]["runs_failed"] = sum(1 for r in runs if r["executor"] == name and not r.get("ok"))
+        per_executor[name]["wall_s_all"] = [r.get("wall_s") for r in good]
+    ratios: dict[str, dict[str, float | None]] = {}
+    if "asyncq" in names:
+        for other in names:
+            if other == "asyncq":
+                continue
+            ratios[f"asyncq/{other}"] = {
+                m: measure.ratio(per_executor["asyncq"][m], per_executor[other][m]) for m in metrics
+            }
+    targets = []
+    for metric, versus, limit in TARGETS:
+        value = ratios.get(f"asyncq/{versus}", {}).get(metric)
+        targets.append({"metric": metric, "versus": versus, "at_most": limit, "ratio": value,
+                        "met": None if value is None else value <= limit})
+    return {"per_executor": per_executor, "ratios": ratios, "targets": targets}
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(summary: dict[str, Any], names: list[str]) -> str:
+    labels = [EXECUTORS[n].label for n in names]
+    others = [n for n in names if n != "asyncq"] if "asyncq" in names else []
+    rows = [
+        ("DAG run wall time (s)", "wall_s", 1),
+        ("trigger -> run end (s)", "trigger_to_end_s", 1),
+        ("TI queued->start median (s)", "latency_median_s", 2),
+        ("TI queued->start p95 (s)", "latency_p95_s", 2),
+        ("idle worker tree PSS (MiB)*", "idle_pss_mib", 0),
+        ("peak worker tree PSS in run (MiB)*", "peak_pss_mib", 0),
+        ("idle scheduler tree PSS (MiB)", "scheduler_idle_pss_mib", 0),
+    ]
+    header = ["metric (median of runs)", *labels, *[f"AsyncQ/{EXECUTORS[o].label}" for o in others]]
+    lines = [header]
+    for title, key, digits in rows:
+        line = [title, *[fmt(summary["per_executor"][n][key], digits) for n in names]]
+        line += [fmt(summary["ratios"][f"asyncq/{o}"][key], 2) for o in others]
+        lines.append(line)
+    lines.append(["runs ok / failed", *[f"{summary['per_executor'][n]['runs_ok']} / "
+                                         f"{summary['per_executor'][n]['runs_failed']}" for n in names],
+                  *["" for _ in others]])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                     for i, cell in enumerate(row)) for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    out.append("* LocalExecutor has no worker: its column is the scheduler process tree, which holds "
+               "its task-running processes.")
+    for target in summary["targets"]:
+        verdict = {True: "MET", False: "MISSED", None: "not measured"}[target["met"]]
+        out.append(f"target {target['metric']} AsyncQ/{EXECUTORS[target['versus']].label} <= "
+                   f"{target['at_most']}: {fmt(target['ratio'], 2)} -> {verdict}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100, help="mapped task instances per run (default 100)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per executor (default 3)")
+    parser.add_argument("--executors", default="asyncq,celery,local",
+                        help="comma-separated subset of asyncq,celery,local, in interleaving order")
+    parser.add_argument("--parallelism", type=int, default=8, help="[core] parallelism (default 8)")
+    parser.add_argument("--concurrency", type=int, default=8, help="worker concurrency (default 8)")
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="seconds to wait after the stack is ready before measuring idle PSS")
+    parser.add_argument("--ready-timeout", type=float, default=240.0)
+    parser.add_argument("--run-timeout", type=float, default=600.0)
+    parser.add_argument("--home", type=Path, default=Path("/tmp/asyncq-bench"),
+                        help="AIRFLOW_HOMEs and logs of every run (wiped at start)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    args = parser.parse_args(argv)
+    args.names = [n.strip() for n in args.executors.split(",") if n.strip()]
+    unknown = sorted(set(args.names) - set(EXECUTORS))
+    if unknown or not args.names:
+        parser.error(f"unknown executor(s) {unknown}; choose from {', '.join(EXECUTORS)}")
+    if args.n < 1 or args.repeats < 1:
+        parser.error("--n and --repeats must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    specs = [EXECUTORS[n] for n in args.names]
+    if "celery" in args.names:
+        ensure_celery_venv()
+    shutil.rmtree(args.home, ignore_errors=True)
+    args.home.mkdir(parents=True)
+    for spec in specs:
+        log(f"preparing database {spec.database} and Redis DB {spec.redis_db} for {spec.label}")
+        recreate_database(spec)
+        stack = BenchStack(spec, args.home / f"{spec.name}-migrate", n=args.n,
+                           parallelism=args.parallelism, concurrency=args.concurrency)
+        stack.migrate()
+    runs: list[dict[str, Any]] = []
+    for repeat in range(1, args.repeats + 1):
+        for spec in specs:
+            log(f"run {repeat}/{args.repeats}: {spec.label}, {args.n} mapped tasks")
+            result = run_once(spec, repeat, args)
+            runs.append(result)
+            if result.get("ok"):
+                log(f"  wall {fmt(result['wall_s'], 2)} s, queued->start median "
+                    f"{fmt(result['latency_median_s'], 2)} s p95 {fmt(result['latency_p95_s'], 2)} s, "
+                    f"idle PSS {fmt(result['idle_pss_mib'], 0)} MiB (startup {result['startup_s']} s)")
+            else:
+                log(f"  FAILED: {result.get('error')} (logs in {result['home']}/logs)")
+    summary = summarize(runs, args.names)
+    report = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, "bench/run.py", *(argv or sys.argv[1:])]),
+            "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                         text=True).stdout.strip(),
+            "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                        "platform": platform.platform(), "python": platform.python_version()},
+            "n": args.n, "repeats": args.repeats, "parallelism": args.parallelism,
+            "concurrency": args.concurrency, "settle_s": args.settle,
+            "versions": {s.name: versions(s) for s in specs},
+            "duration_s": round(time.monotonic() - started, 1),
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(summary, args.names))
+    log(f"raw results in {args.out}; logs in {args.home}; took {report['meta']['duration_s']:.0f} s")
+    return 0 if all(r.get("ok") for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""One Airflow deployment per executor under test, built on ``devtools.stack.Stack``.
+
+``Stack`` always runs the ``airflow`` next to the current interpreter and only knows how to start
+``airflow asyncq worker``. The CeleryExecutor comparison needs a second venv (provider 3.26 cannot
+import with celery 5.7), so ``BenchStack`` chooses the ``airflow`` binary and starts any worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from devtools.stack import ASYNCQ_EXECUTOR, Stack
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DAGS = REPO / "bench" / "dags"
+MAIN_AIRFLOW = REPO / ".venv" / "bin" / "airflow"
+CELERY_AIRFLOW = REPO / ".venv-celery" / "bin" / "airflow"
+PG_DSN = "postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+REDIS_URL = "redis://127.0.0.1:6379/{db}"
+WORKER = "worker"
+READY = re.compile(rb"@\S+ ready\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorSpec:
+    name: str  # short name: database suffix, JSON key
+    label: str  # what the table prints
+    executor: str  # [core] executor
+    airflow: Path
+    redis_db: int
+
+    @property
+    def database(self) -> str:
+        return f"asyncq_bench_{self.name}"
+
+    @property
+    def sql_conn(self) -> str:
+        return PG_DSN.format(db=self.database)
+
+    @property
+    def broker_url(self) -> str:
+        return REDIS_URL.format(db=self.redis_db)
+
+    def worker_args(self, concurrency: int) -> list[str] | None:
+        """The worker command for this executor, or None when the scheduler runs the tasks itself."""
+        if self.name == "asyncq":
+            return ["asyncq", "worker", "-q", "default", "-c", str(concurrency), "--hostname", "bench@%h"]
+        if self.name == "celery":
+            # Airflow's defaults otherwise (prefork pool, mingle and gossip on), as users run it.
+            return ["celery", "worker", "-q", "default", "-c", str(concurrency), "-H", "bench@%h"]
+        return None
+
+
+EXECUTORS = {
+    spec.name: spec
+    for spec in (
+        ExecutorSpec("asyncq", "AsyncQ", ASYNCQ_EXECUTOR, MAIN_AIRFLOW, 10),
+        ExecutorSpec("celery", "Celery", "CeleryExecutor", CELERY_AIRFLOW, 11),
+        ExecutorSpec("local", "Local", "LocalExecutor", MAIN_AIRFLOW, 12),
+    )
+}
+
+
+class BenchStack(Stack):
+    """A ``Stack`` that runs a chosen venv's ``airflow`` and can start any executor's worker."""
+
+    def __init__(self, spec: ExecutorSpec, home: Path, *, n: int, parallelism: int,
+                 concurrency: int) -> None:
+        bundles = [{"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                    "kwargs": {"path": str(BENCH_DAGS)}}]
+        super().__init__(
+            home, sql_conn=spec.sql_conn, broker_url=spec.broker_url, executor=spec.executor,
+            key_prefix="asyncq_bench", dags_folder=BENCH_DAGS,
+            extra_env={
+                "ASYNCQ_BENCH_N": str(n),
+                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+                "AIRFLOW__ASYNCQ__WORKER_CONCURRENCY": str(concurrency),
+                # Only the benchmark DAG: Stack's example bundle imports our provider, which the
+                # Celery venv does not have, and parsing it would load every deployment a little.
+                "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles),
+            },
+        )
+        self.spec = spec
+        self.concurrency = concurrency
+        venv_bin = spec.airflow.parent
+        self.env["PATH"] = f"{venv_bin}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env["VIRTUAL_ENV"] = str(venv_bin.parent)
+
+    # Stack.run/spawn hard-code the airflow next to sys.executable; these differ only in the binary.
+    def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.spec.airflow), *args], env=self.env, check=check, timeout=timeout,
+                              capture_output=True, text=True)
+
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([str(self.spec.airflow), *args], env={**self.env, **(env or {})},
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_bench_worker(self) -> None:
+        args = self.spec.worker_args(self.concurrency)
+        if args is not None:
+            self.spawn(WORKER, *args, env={"ASYNCQ_WORKER_NAME": "bench"})
+
+    # ------------------------------------------------------------ readiness
+    def memory_root(self) -> int:
+        """The pid whose process tree is this executor's "worker" (the scheduler for LocalExecutor)."""
+        return self.procs[WORKER if WORKER in self.procs else "scheduler"].pid
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        """API up, DAG parsed, scheduler/triggerer/dag-processor healthy, worker consuming."""
+        deadline = time.monotonic() + timeout
+        self.wait_api(timeout)
+        self.wait_dag("asyncq_bench", max(1.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            self.check_alive()
+            health = self.api("GET", "/api/v2/monitor/health", auth=False)
+            components = ("metadatabase", "scheduler", "triggerer", "dag_processor")
+            if all((health.get(c) or {}).get("status") == "healthy" for c in components) and \
+                    self._worker_ready():
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{self.spec.label} stack was not ready within {timeout} s; logs in {self.logs}")
+
+    def _worker_ready(self) -> bool:
+        if WORKER in self.procs:
+            log = (self.logs / f"{WORKER}.log").read_bytes()
+            return bool(READY.search(log))
+        # LocalExecutor forks its `parallelism` worker processes when the scheduler starts its executor.
+        scheduler = psutil.Process(self.procs["scheduler"].pid)
+        return len(scheduler.children()) >= 1
+
+    # ------------------------------------------------------------ cleanup
+    def strays(self) -> list[psutil.Process]:
+        """Processes still running with this stack's AIRFLOW_HOME (e.g. ones that left our process groups)."""
+        home = str(self.home)
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if proc.pid != os.getpid() and proc.environ().get("AIRFLOW_HOME") == home:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found

@@ -1,0 +1,92 @@
+"""A real deployment for the system tier: api-server, scheduler, dag-processor, triggerer, three
+``airflow asyncq worker`` processes, PostgreSQL and Redis. Started once per session (about 30 s).
+
+Missing services fail here, loudly: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.stack import Stack
+
+REDIS_DB = 13
+PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+
+
+def _require(port: int, name: str) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+    except OSError as exc:
+        pytest.fail(f"{name} is not reachable on 127.0.0.1:{port} ({exc}); run `make services`")
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-qc", sql],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def side_effects(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("effects") / "side_effects.log"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, side_effects: Path) -> Iterator[Stack]:
+    _require(5432, "PostgreSQL")
+    _require(6379, "Redis")
+    db = f"asyncq_system_{os.getpid()}"
+    _psql(f"DROP DATABASE IF EXISTS {db}")
+    _psql(f"CREATE DATABASE {db}")
+    home = tmp_path_factory.mktemp("airflow_home")
+    prefix = f"sys-{uuid.uuid4().hex[:8]}"
+    s = Stack(home, sql_conn=PG.format(db=db), broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
+              key_prefix=prefix, extra_env={
+                  "ASYNCQ_SIDE_EFFECTS": str(side_effects),
+                  "AIRFLOW__ASYNCQ__UNCONSUMED_QUEUE_WARNING": "4",
+                  "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+                  "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
+                  "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+              })
+    subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True, capture_output=True)
+    s.migrate()
+    s.start_core()
+    s.start_worker("w-default", queues="default", concurrency=4)
+    s.start_worker("w-highmem", queues="high_mem", concurrency=2, serve_logs=False)
+    s.start_worker("w-prio", queues="prio", concurrency=1, serve_logs=False)
+    try:
+        s.wait_api()
+        yield s
+    finally:
+        s.stop()
+        if os.environ.get("ASYNCQ_KEEP_LOGS"):
+            shutil.copytree(s.logs, Path(os.environ["ASYNCQ_KEEP_LOGS"]), dirs_exist_ok=True)
+        _psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def read_effects(path: Path, dag_id: str, run_id: str) -> list[list[str]]:
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines()]
+    return [r for r in rows if r[1] == dag_id and r[5] == run_id]
+
+
+def wait_for(predicate, timeout: float, what: str, stack: Stack | None = None, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack is not None:
+            stack.check_alive()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
