@@ -12,7 +12,6 @@ import socket
 import time
 
 import pendulum
-
 from airflow.sdk import dag, get_current_context, task
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")

@@ -140,7 +140,7 @@ class Stack:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 20
-        for name, proc in list(self.procs.items()):
+        for proc in list(self.procs.values()):
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -36,8 +36,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     headers = list(rows[0])
     cells = [[("" if r[h] is None else str(r[h])) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths))
-    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
 
 

@@ -9,7 +9,6 @@ Execution API exactly as under LocalExecutor.
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import dag, get_current_context, task
 
 

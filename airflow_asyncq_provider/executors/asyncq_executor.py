@@ -299,7 +299,7 @@ class AsyncQExecutor(BaseExecutor):
         pipe = self._redis.pipeline(transaction=False)
         for _key, tracked in victims:
             pipe.hgetall(self.keys.task(tracked.task_id))
-        for (key, tracked), record in zip(victims, pipe.execute()):
+        for (key, tracked), record in zip(victims, pipe.execute(), strict=True):
             state = record.get("state")
             if state in events.TERMINAL:  # it finished before the worker went away
                 self._apply(tracked.task_id, state, record)
@@ -339,7 +339,7 @@ class AsyncQExecutor(BaseExecutor):
         for ti in candidates:
             pipe.hgetall(self.keys.task(ti.external_executor_id))
         adopted = []
-        for ti, record in zip(candidates, pipe.execute()):
+        for ti, record in zip(candidates, pipe.execute(), strict=True):
             if not record:
                 not_adopted.append(ti)
                 continue

@@ -34,7 +34,7 @@ def alive(client: redis.Redis, keys: Keys, hostnames: list[str]) -> dict[str, bo
     pipe = client.pipeline(transaction=False)
     for name in hostnames:
         pipe.exists(keys.worker(name))
-    return {name: bool(found) for name, found in zip(hostnames, pipe.execute())}
+    return {name: bool(found) for name, found in zip(hostnames, pipe.execute(), strict=True)}
 
 
 def live_workers(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
@@ -44,7 +44,7 @@ def live_workers(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
         pipe.hgetall(keys.worker(name))
     workers: dict[str, dict[str, Any]] = {}
     gone: list[str] = []
-    for name, raw in zip(names, pipe.execute()):
+    for name, raw in zip(names, pipe.execute(), strict=True):
         if not raw:
             gone.append(name)
             continue

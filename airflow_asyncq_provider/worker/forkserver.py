@@ -90,9 +90,8 @@ class ForkServer:
             except Exception:  # one bad optional preload must not take the worker down
                 print(f"asyncq fork server: could not preload {name!r}:\n{traceback.format_exc()}",
                       file=sys.stderr, flush=True)
-        from pydantic import TypeAdapter
-
         from airflow.executors.workloads import ExecutorWorkload
+        from pydantic import TypeAdapter
 
         self._decoder = TypeAdapter(ExecutorWorkload)
         if threading.active_count() != 1:

@@ -161,7 +161,7 @@ class WorkloadRunner:
         pipe = self.redis.pipeline(transaction=False)
         for task_id in running:
             pipe.hget(self.keys.task(task_id), "revoked")
-        for (task_id, pid), revoked in zip(running.items(), pipe.execute()):
+        for (task_id, pid), revoked in zip(running.items(), pipe.execute(), strict=True):
             if revoked:
                 log.warning("Workload %s was revoked while running; terminating pid %s", task_id, pid)
                 _kill_group(pid, signal.SIGTERM)
