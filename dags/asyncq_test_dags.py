@@ -12,7 +12,7 @@ import socket
 import time
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import DeadlineAlert, DeadlineReference, SyncCallback, dag, get_current_context, task
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
@@ -123,3 +123,26 @@ def asyncq_test_nobody():
 
 
 asyncq_test_nobody()
+
+
+@dag(
+    dag_id="asyncq_test_deadline",
+    schedule=None,
+    start_date=START,
+    catchup=False,
+    params={"tag": "none"},
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=datetime.timedelta(seconds=2),
+        callback=SyncCallback("asyncq_callbacks.record_deadline_miss", kwargs={"tag": "deadline-test"}),
+    ),
+)
+def asyncq_test_deadline():
+    @task
+    def slow() -> None:
+        time.sleep(15)
+
+    slow()
+
+
+asyncq_test_deadline()

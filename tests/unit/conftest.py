@@ -62,6 +62,7 @@ class FakeRedis:
         self.hashes: dict[str, dict[str, str]] = {}
         self.ttls: dict[str, int] = {}
         self.stream: list[tuple[str, dict[str, str]]] = []
+        self.lists: dict[str, list[str]] = {}
         self.commands: list[str] = []
         self.pipelines_executed = 0
         self.fail_with: BaseException | None = None
@@ -110,6 +111,13 @@ class FakeRedis:
     def exists(self, key: str) -> int:
         self._cmd("EXISTS")
         return int(key in self.hashes)
+
+    def lpush(self, key: str, *values: Any) -> int:
+        self._cmd("LPUSH")
+        items = self.lists.setdefault(key, [])
+        for value in values:
+            items.insert(0, str(value))
+        return len(items)
 
     def xadd(self, name: str, fields: dict[str, Any], **_: Any) -> str:
         self._cmd("XADD")

@@ -1,0 +1,76 @@
+"""forkserver: how a child's exit is encoded and described, for every branch."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from airflow_asyncq_provider.worker.forkserver import (
+    EXIT_CRASHED,
+    EXIT_DUPLICATE,
+    EXIT_SIGNAL_BASE,
+    describe_exit,
+    encode_supervisor_return,
+)
+
+
+@pytest.mark.parametrize(("returned", "encoded"), [
+    (0, 0), (1, 1), (63, 63),
+    (64, 63), (200, 63), (201, 63), (255, 63), (10**6, 63),  # clamped below the signal range
+    (-9, EXIT_SIGNAL_BASE + 9), (-15, EXIT_SIGNAL_BASE + 15), (-63, EXIT_SIGNAL_BASE + 63),
+    (-64, EXIT_SIGNAL_BASE + 63), (-(10**6), EXIT_SIGNAL_BASE + 63),  # clamped to a valid exit status
+])
+def test_encode_supervisor_return(returned, encoded):
+    assert encode_supervisor_return(returned) == encoded
+
+
+def test_encoded_codes_never_collide_with_the_reserved_ones():
+    for returned in range(-300, 300):
+        code = encode_supervisor_return(returned)
+        assert 0 <= code <= 127, returned  # a valid exit status, below the reserved codes
+        assert code not in (EXIT_DUPLICATE, EXIT_CRASHED)
+
+
+def test_describe_success():
+    assert describe_exit(0, None, None) == (True, "exit code 0")
+    assert describe_exit(0, None, {}) == (True, "exit code 0")
+    assert describe_exit(0, None, {"duplicate": True}) == (True, "exit code 0")
+
+
+def test_describe_reported_error_wins():
+    ok, reason = describe_exit(EXIT_CRASHED, None, {"error": "RuntimeError: boom"})
+    assert (ok, reason) == (False, "supervisor crashed: RuntimeError: boom")
+    # ...even over a signal or a zero code: the child said what went wrong.
+    assert describe_exit(0, None, {"error": "x"}) == (False, "supervisor crashed: x")
+    assert describe_exit(None, 9, {"error": "x"}) == (False, "supervisor crashed: x")
+
+
+def test_describe_supervisor_killed_by_signal():
+    assert describe_exit(None, signal.SIGKILL, None) == (False, "supervisor killed by signal SIGKILL (9)")
+    assert describe_exit(None, 99, None) == (False, "supervisor killed by signal 99")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV])
+def test_describe_task_killed_by_signal(sig):
+    ok, reason = describe_exit(encode_supervisor_return(-sig), None, None)
+    assert not ok
+    assert reason == f"task process killed by signal {signal.Signals(sig).name} ({int(sig)})"
+
+
+def test_describe_task_killed_by_an_unnamed_signal():
+    assert describe_exit(EXIT_SIGNAL_BASE + 63, None, None) == (False, "task process killed by signal 63")
+    assert describe_exit(EXIT_DUPLICATE - 1, None, None)[1] == (
+        f"task process killed by signal {EXIT_DUPLICATE - 1 - EXIT_SIGNAL_BASE}")
+
+
+def test_describe_crash_without_error():
+    assert describe_exit(EXIT_CRASHED, None, None) == (False, "supervisor crashed (no error reported)")
+    assert describe_exit(EXIT_CRASHED, None, {"error": ""}) == (
+        False, "supervisor crashed (no error reported)")
+
+
+@pytest.mark.parametrize("code", [1, 63, EXIT_SIGNAL_BASE, EXIT_DUPLICATE, 255, None])
+def test_describe_plain_exit_codes(code):
+    assert describe_exit(code, None, None) == (False, f"task process exited with code {code}")
+
