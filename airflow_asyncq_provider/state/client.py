@@ -42,6 +42,11 @@ def make_redis(settings: AsyncQSettings, timeout: float | None = None) -> redis.
 def ping_or_raise(client: redis.Redis, settings: AsyncQSettings, who: str) -> None:
     try:
         client.ping()
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(
+            f"{who}: Redis at [asyncq] broker_url {mask_url(settings.broker_url)} refused the credentials "
+            f"({mask_url(str(exc))}); check the ACL user and password in the URL"
+        ) from exc
     except (redis.RedisError, OSError) as exc:
         raise BrokerUnavailable(
             f"{who}: [asyncq] broker_url is {mask_url(settings.broker_url)} but no Redis answered there "

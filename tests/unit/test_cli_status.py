@@ -1,0 +1,89 @@
+"""cli.status: rows from registry records, the table, and the exit codes of the command."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from airflow_asyncq_provider.cli.status import fleet_rows, render_table
+
+NOW = 1_000_000.0
+
+
+def _worker(**overrides):
+    info = {"queues": ["default", "high_mem"], "slots": 8, "running": 3, "free": 5,
+            "heartbeat_at": NOW - 1.26, "started_at": NOW - 3600.4, "version": "0.1.0"}
+    info.update(overrides)
+    return info
+
+
+def test_fleet_rows_sorted_and_derived():
+    rows = fleet_rows({"b@h": _worker(), "a@h": _worker(queues=["x"], running=0, free=8)}, NOW)
+    assert [r["worker"] for r in rows] == ["a@h", "b@h"]
+    assert rows[1] == {"worker": "b@h", "queues": "default,high_mem", "slots": 8, "running": 3,
+                       "free": 5, "heartbeat_age_s": 1.3, "up_s": 3600, "version": "0.1.0"}
+    assert rows[0]["queues"] == "x"
+
+
+def test_fleet_rows_tolerate_missing_fields():
+    (row,) = fleet_rows({"w": {}}, NOW)
+    assert row == {"worker": "w", "queues": "", "slots": None, "running": None, "free": None,
+                   "heartbeat_age_s": None, "up_s": None, "version": None}
+
+
+def test_fleet_rows_accept_string_timestamps():
+    # registry._decode turns "1000.5" into a float, but a record written by hand may keep strings.
+    (row,) = fleet_rows({"w": _worker(heartbeat_at=str(NOW - 2), started_at=str(NOW - 10))}, NOW)
+    assert (row["heartbeat_age_s"], row["up_s"]) == (2.0, 10)
+
+
+def test_render_table_without_workers():
+    assert render_table([]) == "no live workers"
+
+
+def test_render_table_aligns_columns():
+    rows = fleet_rows({"w1@host": _worker(), "worker-with-a-long-name@h": _worker(slots=16)}, NOW)
+    lines = render_table(rows).splitlines()
+    assert len(lines) == 4
+    header, rule, first, second = lines
+    assert header.split() == ["WORKER", "QUEUES", "SLOTS", "RUNNING", "FREE", "HEARTBEAT_AGE_S", "UP_S",
+                              "VERSION"]
+    assert set(rule.replace(" ", "")) == {"-"}
+    # every column starts at the same offset on every line
+    for column in ("QUEUES", "SLOTS", "VERSION"):
+        offset = header.index(column)
+        assert first[offset - 2:offset] == "  " and second[offset - 2:offset] == "  "
+    assert first.startswith("w1@host ") and second.startswith("worker-with-a-long-name@h")
+    assert "16" in second.split()
+
+
+def test_render_table_shows_none_as_blank():
+    text = render_table(fleet_rows({"w": {}}, NOW))
+    assert "None" not in text
+
+
+def _status_with(monkeypatch, capsys, url: str) -> tuple[int, str]:
+    from airflow_asyncq_provider.cli.status import status
+
+    monkeypatch.setenv("AIRFLOW__ASYNCQ__BROKER_URL", url)
+    with pytest.raises(SystemExit) as exit_info:
+        status(argparse.Namespace(json=False))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_status_with_a_bad_setting_exits_2(monkeypatch, capsys):
+    # the settings are refused before any connection is tried
+    monkeypatch.setenv("AIRFLOW__ASYNCQ__WORKER_CONCURRENCY", "zero")
+    code, err = _status_with(monkeypatch, capsys, "redis://127.0.0.1:1/0")
+    assert code == 2
+    assert err.startswith("error: [asyncq] worker_concurrency must be an integer")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: status() chooses its exit code by searching the message for 'broker_url is', so an "
+    "invalid broker_url (a config error, exit 2) exits 3 as if Redis were unreachable"))
+def test_status_with_an_invalid_broker_url_exits_2(monkeypatch, capsys):
+    code, err = _status_with(monkeypatch, capsys, "amqp://guest:secretpw@rabbit//")
+    assert "secretpw" not in err
+    assert code == 2

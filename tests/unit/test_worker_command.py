@@ -1,0 +1,50 @@
+"""worker.command: argument parsing and the documented exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_asyncq_provider.errors import ConfigError
+from airflow_asyncq_provider.worker import command
+from airflow_asyncq_provider.worker.command import parse_concurrency, parse_queues
+
+
+def test_exit_codes_are_the_documented_ones():
+    assert (command.EXIT_OK, command.EXIT_CONFIG, command.EXIT_BROKER, command.EXIT_FORKSERVER) == (0, 2, 3, 4)
+    for code in ("0", "2", "3", "4"):
+        assert code in command.__doc__
+
+
+def test_parse_queues_defaults():
+    assert parse_queues(None, "dq") == ["dq"]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("a", ["a"]), ("a,b", ["a", "b"]), (" a , b ", ["a", "b"]), ("high_mem", ["high_mem"]),
+])
+def test_parse_queues_splits_and_strips(raw, expected):
+    assert parse_queues(raw, "dq") == expected
+
+
+@pytest.mark.parametrize("raw", ["", "bad queue", "a,,b", "a,", ",a", "a, b c"])
+def test_parse_queues_refuses(raw):
+    with pytest.raises(ConfigError) as err:
+        parse_queues(raw, "dq")
+    assert str(err.value).startswith("airflow asyncq worker -q: queue name ")
+
+
+def test_parse_queues_error_names_the_bad_queue():
+    with pytest.raises(ConfigError, match="'bad queue'"):
+        parse_queues("good,bad queue", "dq")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 8), ("1", 1), (" 16 ", 16), (4, 4)])
+def test_parse_concurrency_accepts(raw, expected):
+    assert parse_concurrency(raw, 8) == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "many", "1.5", "", []])
+def test_parse_concurrency_refuses(raw):
+    with pytest.raises(ConfigError) as err:
+        parse_concurrency(raw, 8)
+    assert str(err.value) == f"airflow asyncq worker -c must be a positive integer, got {raw!r}"
