@@ -103,6 +103,53 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "heap, for example heavy libraries your tasks use. Every forked workload shares them.",
         "string", "", "pandas,numpy",
     ),
+    "default_memory_request": _opt(
+        "Memory a task is assumed to need when its executor_config does not say "
+        "(executor_config={'asyncq': {'memory_request': '2GiB'}}). Workers admit a task only when its "
+        "request fits their free budget.",
+        "string", "256MiB", "512MiB",
+    ),
+    "default_memory_limit": _opt(
+        "Memory a task's process tree may use before the worker stops it with 'memory limit exceeded', "
+        "when its executor_config does not set memory_limit. Empty: no per-task limit.",
+        "string", "", "4GiB",
+    ),
+    "worker_memory_budget": _opt(
+        "Memory a worker hands out to the requests of the tasks it runs. Empty: "
+        "worker_memory_fraction of the cgroup limit, or of system memory where there is none. "
+        "`airflow asyncq worker --memory-budget` overrides it. A budget above the machine's memory is "
+        "capped with a warning.",
+        "string", "", "12GiB",
+    ),
+    "worker_memory_fraction": _opt(
+        "Fraction of the cgroup limit (or of system memory) used as the budget when "
+        "worker_memory_budget is empty.",
+        "float", "0.8", "0.75",
+    ),
+    "watchdog_interval": _opt(
+        "Seconds between two samples of every running task's process tree by the memory watchdog.",
+        "float", "0.5", "0.5",
+    ),
+    "kill_grace_period": _opt(
+        "Seconds between SIGTERM and SIGKILL when the worker stops a task (memory limit, revoke, "
+        "drain timeout), so the supervisor can flush logs and report.",
+        "float", "10.0", "10.0",
+    ),
+    "worker_drain_timeout": _opt(
+        "Seconds a worker that got SIGTERM lets running tasks finish before it terminates them with a "
+        "reason. A second SIGTERM skips the wait and kills them at once.",
+        "float", "60.0", "300.0",
+    ),
+    "event_retry_timeout": _opt(
+        "Seconds a worker keeps retrying to write a task's outcome while Redis is unreachable (for "
+        "example restarting) before it gives up on that event.",
+        "float", "300.0", "300.0",
+    ),
+    "max_deliveries": _opt(
+        "How many times one message may be delivered to workers before it is moved to the dead-letter "
+        "list instead of being run again.",
+        "integer", "3", "3",
+    ),
 }
 
 

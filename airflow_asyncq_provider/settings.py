@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from airflow_asyncq_provider.errors import ConfigError
 from airflow_asyncq_provider.get_provider_info import CONFIG_OPTIONS
+from airflow_asyncq_provider.memory.sizes import parse_size
 from airflow_asyncq_provider.state.urls import validate_broker_url
 
 SECTION = "asyncq"
@@ -40,6 +41,15 @@ class AsyncQSettings:
     ssl_keyfile: str = ""
     ssl_cert_reqs: str = "required"
     fork_preload_modules: tuple[str, ...] = ()
+    default_memory_request: int = 256 * 1024**2
+    default_memory_limit: int | None = None
+    worker_memory_budget: int | None = None
+    worker_memory_fraction: float = 0.8
+    watchdog_interval: float = 0.5
+    kill_grace_period: float = 10.0
+    worker_drain_timeout: float = 60.0
+    event_retry_timeout: float = 300.0
+    max_deliveries: int = 3
 
 
 def _fix_hint(key: str) -> str:
@@ -58,6 +68,12 @@ def _number(key: str, raw: str, kind: type, minimum: float, allow_equal: bool = 
         bound = f">= {minimum}" if allow_equal else f"> {minimum}"
         raise ConfigError(f"[{SECTION}] {key} must be {bound}, got {raw!r}; {_fix_hint(key)}")
     return value
+
+
+def _size(key: str, raw: str, optional: bool = False) -> int | None:
+    if optional and not raw.strip():
+        return None
+    return parse_size(raw, f"[{SECTION}] {key} ({_fix_hint(key)})")
 
 
 def validate_queue_name(name: str, source: str) -> str:
@@ -114,7 +130,23 @@ def load_settings(conf: ConfigSource | None = None) -> AsyncQSettings:
         ssl_keyfile=raw("ssl_keyfile").strip(),
         ssl_cert_reqs=ssl_cert_reqs,
         fork_preload_modules=tuple(m.strip() for m in raw("fork_preload_modules").split(",") if m.strip()),
+        default_memory_request=_size("default_memory_request", raw("default_memory_request")),
+        default_memory_limit=_size("default_memory_limit", raw("default_memory_limit"), optional=True),
+        worker_memory_budget=_size("worker_memory_budget", raw("worker_memory_budget"), optional=True),
+        worker_memory_fraction=_number("worker_memory_fraction", raw("worker_memory_fraction"), float, 0),
+        watchdog_interval=_number("watchdog_interval", raw("watchdog_interval"), float, 0),
+        kill_grace_period=_number("kill_grace_period", raw("kill_grace_period"), float, 0),
+        worker_drain_timeout=_number("worker_drain_timeout", raw("worker_drain_timeout"), float, 0, True),
+        event_retry_timeout=_number("event_retry_timeout", raw("event_retry_timeout"), float, 0),
+        max_deliveries=_number("max_deliveries", raw("max_deliveries"), int, 0),
     )
+    if settings.worker_memory_fraction > 1:
+        raise ConfigError(f"[{SECTION}] worker_memory_fraction must be at most 1, got "
+                          f"{settings.worker_memory_fraction}; {_fix_hint('worker_memory_fraction')}")
+    if (settings.default_memory_limit is not None
+            and settings.default_memory_limit < settings.default_memory_request):
+        raise ConfigError(f"[{SECTION}] default_memory_limit is below default_memory_request; "
+                          "the limit must be at least the request")
     if settings.worker_lost_timeout < 2 * settings.worker_heartbeat_interval:
         raise ConfigError(
             f"[{SECTION}] worker_lost_timeout ({settings.worker_lost_timeout}) must be at least twice "

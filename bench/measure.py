@@ -95,7 +95,9 @@ def seconds(start: str | None, end: str | None) -> float | None:
 
 def run_figures(dag_run: dict[str, Any], tis: list[dict[str, Any]]) -> dict[str, Any]:
     """Wall time from the run's own start/end, and queued->start latency of every task instance."""
-    latencies = [lat for ti in tis if (lat := seconds(ti.get("queued_when"), ti.get("start_date"))) is not None]
+    latencies = [
+        lat for ti in tis if (lat := seconds(ti.get("queued_when"), ti.get("start_date"))) is not None
+    ]
     states: dict[str, int] = {}
     for ti in tis:
         states[str(ti.get("state"))] = states.get(str(ti.get("state")), 0) + 1
@@ -112,8 +114,25 @@ def run_figures(dag_run: dict[str, Any], tis: list[dict[str, Any]]) -> dict[str,
         "latency_p95_s": percentile(latencies, 95),
         "latency_max_s": max(latencies) if latencies else None,
         "ti_runtime_median_s": median(runtimes),
+        # What parallelism really allowed: TIs queued or running at once, and running at once.
+        "max_in_flight": max_overlap([(ti.get("queued_when"), ti.get("end_date")) for ti in tis]),
+        "max_running": max_overlap([(ti.get("start_date"), ti.get("end_date")) for ti in tis]),
         "latencies_s": [round(x, 3) for x in latencies],
     }
+
+
+def max_overlap(intervals: list[tuple[str | None, str | None]]) -> int:
+    """Largest number of [start, end) intervals that overlap at one instant."""
+    points = []
+    for start, end in intervals:
+        a, b = parse_ts(start), parse_ts(end)
+        if a is not None and b is not None:
+            points += [(a, 1), (b, -1)]
+    level = peak = 0
+    for _when, step in sorted(points, key=lambda p: (p[0], p[1])):  # ends before starts at a tie
+        level += step
+        peak = max(peak, level)
+    return peak
 
 
 # ---------------------------------------------------------------- statistics

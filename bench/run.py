@@ -72,8 +72,10 @@ def flush_redis(spec: ExecutorSpec) -> None:
 
 
 def versions(spec: ExecutorSpec) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-            "('apache-airflow', 'celery', 'kombu')}))")
+    code = (
+        "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+        "('apache-airflow', 'celery', 'kombu')}))"
+    )
     python = spec.airflow.with_name("python")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
@@ -84,9 +86,14 @@ def run_once(spec: ExecutorSpec, repeat: int, args: argparse.Namespace) -> dict[
     home = args.home / f"{spec.name}-{repeat}"
     shutil.rmtree(home, ignore_errors=True)
     flush_redis(spec)
-    result: dict[str, Any] = {"executor": spec.name, "repeat": repeat, "home": str(home),
-                              "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    result: dict[str, Any] = {
+        "executor": spec.name,
+        "repeat": repeat,
+        "home": str(home),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
     stack = BenchStack(spec, home, n=args.n, parallelism=args.parallelism, concurrency=args.concurrency)
+    stack.env.update(args.extra_env)
     started = time.monotonic()
     try:
         stack.start_core()
@@ -121,8 +128,11 @@ def run_once(spec: ExecutorSpec, repeat: int, args: argparse.Namespace) -> dict[
         result["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     finally:
+        stopping = time.monotonic()
         stack.stop()
         result["strays"] = kill_strays(stack)
+        result["stop_s"] = round(time.monotonic() - stopping, 1)
+        result["total_s"] = round(time.monotonic() - started, 1)
     return result
 
 
@@ -144,8 +154,18 @@ def kill_strays(stack: BenchStack) -> list[str]:
 
 # ---------------------------------------------------------------- summary
 def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    metrics = ("wall_s", "latency_median_s", "latency_p95_s", "idle_pss_mib", "peak_pss_mib",
-               "scheduler_idle_pss_mib", "trigger_to_end_s")
+    metrics = (
+        "wall_s",
+        "latency_median_s",
+        "latency_p95_s",
+        "idle_pss_mib",
+        "peak_pss_mib",
+        "scheduler_idle_pss_mib",
+        "trigger_to_end_s",
+        "ti_runtime_median_s",
+        "max_in_flight",
+        "max_running",
+    )
     per_executor: dict[str, dict[str, Any]] = {}
     for name in names:
         good = [r for r in runs if r["executor"] == name and r.get("ok")]
@@ -164,8 +184,15 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     targets = []
     for metric, versus, limit in TARGETS:
         value = ratios.get(f"asyncq/{versus}", {}).get(metric)
-        targets.append({"metric": metric, "versus": versus, "at_most": limit, "ratio": value,
-                        "met": None if value is None else value <= limit})
+        targets.append(
+            {
+                "metric": metric,
+                "versus": versus,
+                "at_most": limit,
+                "ratio": value,
+                "met": None if value is None else value <= limit,
+            }
+        )
     return {"per_executor": per_executor, "ratios": ratios, "targets": targets}
 
 
@@ -176,34 +203,50 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def table(summary: dict[str, Any], names: list[str]) -> str:
     labels = [EXECUTORS[n].label for n in names]
     others = [n for n in names if n != "asyncq"] if "asyncq" in names else []
-    rows = [
-        ("DAG run wall time (s)", "wall_s", 1),
-        ("trigger -> run end (s)", "trigger_to_end_s", 1),
-        ("TI queued->start median (s)", "latency_median_s", 2),
-        ("TI queued->start p95 (s)", "latency_p95_s", 2),
-        ("idle worker tree PSS (MiB)*", "idle_pss_mib", 0),
-        ("peak worker tree PSS in run (MiB)*", "peak_pss_mib", 0),
-        ("idle scheduler tree PSS (MiB)", "scheduler_idle_pss_mib", 0),
+    rows = [  # (title, key, digits, show the ratio)
+        ("DAG run wall time (s)", "wall_s", 1, True),
+        ("trigger -> run end (s)", "trigger_to_end_s", 1, True),
+        ("TI queued->start median (s)", "latency_median_s", 2, True),
+        ("TI queued->start p95 (s)", "latency_p95_s", 2, True),
+        ("TI start->end median (s)", "ti_runtime_median_s", 2, True),
+        ("max TIs queued+running at once", "max_in_flight", 0, False),
+        ("max TIs running at once", "max_running", 0, False),
+        ("idle worker tree PSS (MiB)*", "idle_pss_mib", 0, True),
+        ("peak worker tree PSS in run (MiB)*", "peak_pss_mib", 0, True),
+        ("idle scheduler tree PSS (MiB)", "scheduler_idle_pss_mib", 0, True),
     ]
     header = ["metric (median of runs)", *labels, *[f"AsyncQ/{EXECUTORS[o].label}" for o in others]]
     lines = [header]
-    for title, key, digits in rows:
+    for title, key, digits, with_ratio in rows:
         line = [title, *[fmt(summary["per_executor"][n][key], digits) for n in names]]
-        line += [fmt(summary["ratios"][f"asyncq/{o}"][key], 2) for o in others]
+        line += [fmt(summary["ratios"][f"asyncq/{o}"][key], 2) if with_ratio else "" for o in others]
         lines.append(line)
-    lines.append(["runs ok / failed", *[f"{summary['per_executor'][n]['runs_ok']} / "
-                                         f"{summary['per_executor'][n]['runs_failed']}" for n in names],
-                  *["" for _ in others]])
+    lines.append(
+        [
+            "runs ok / failed",
+            *[
+                f"{summary['per_executor'][n]['runs_ok']} / {summary['per_executor'][n]['runs_failed']}"
+                for n in names
+            ],
+            *["" for _ in others],
+        ]
+    )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                     for i, cell in enumerate(row)) for row in lines]
+    out = [
+        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in lines
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
-    out.append("* LocalExecutor has no worker: its column is the scheduler process tree, which holds "
-               "its task-running processes.")
+    out.append(
+        "* LocalExecutor has no worker: its column is the scheduler process tree, which holds "
+        "its task-running processes."
+    )
     for target in summary["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[target["met"]]
-        out.append(f"target {target['metric']} AsyncQ/{EXECUTORS[target['versus']].label} <= "
-                   f"{target['at_most']}: {fmt(target['ratio'], 2)} -> {verdict}")
+        out.append(
+            f"target {target['metric']} AsyncQ/{EXECUTORS[target['versus']].label} <= "
+            f"{target['at_most']}: {fmt(target['ratio'], 2)} -> {verdict}"
+        )
     return "\n".join(out)
 
 
@@ -212,18 +255,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="mapped task instances per run (default 100)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per executor (default 3)")
-    parser.add_argument("--executors", default="asyncq,celery,local",
-                        help="comma-separated subset of asyncq,celery,local, in interleaving order")
+    parser.add_argument(
+        "--executors",
+        default="asyncq,celery,local",
+        help="comma-separated subset of asyncq,celery,local, in interleaving order",
+    )
     parser.add_argument("--parallelism", type=int, default=8, help="[core] parallelism (default 8)")
     parser.add_argument("--concurrency", type=int, default=8, help="worker concurrency (default 8)")
-    parser.add_argument("--settle", type=float, default=10.0,
-                        help="seconds to wait after the stack is ready before measuring idle PSS")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds to wait after the stack is ready before measuring idle PSS",
+    )
     parser.add_argument("--ready-timeout", type=float, default=240.0)
     parser.add_argument("--run-timeout", type=float, default=600.0)
-    parser.add_argument("--home", type=Path, default=Path("/tmp/asyncq-bench"),
-                        help="AIRFLOW_HOMEs and logs of every run (wiped at start)")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path("/tmp/asyncq-bench"),
+        help="AIRFLOW_HOMEs and logs of every run (wiped at start)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for every component (side experiments only: the "
+        "figures in docs/BENCHMARKS.md use none)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.extra_env = dict(item.split("=", 1) for item in args.env)
+    except ValueError:
+        parser.error("--env takes KEY=VALUE")
     args.names = [n.strip() for n in args.executors.split(",") if n.strip()]
     unknown = sorted(set(args.names) - set(EXECUTORS))
     if unknown or not args.names:
@@ -244,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         log(f"preparing database {spec.database} and Redis DB {spec.redis_db} for {spec.label}")
         recreate_database(spec)
-        stack = BenchStack(spec, args.home / f"{spec.name}-migrate", n=args.n,
-                           parallelism=args.parallelism, concurrency=args.concurrency)
+        stack = BenchStack(
+            spec,
+            args.home / f"{spec.name}-migrate",
+            n=args.n,
+            parallelism=args.parallelism,
+            concurrency=args.concurrency,
+        )
         stack.migrate()
     runs: list[dict[str, Any]] = []
     for repeat in range(1, args.repeats + 1):
@@ -254,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             result = run_once(spec, repeat, args)
             runs.append(result)
             if result.get("ok"):
-                log(f"  wall {fmt(result['wall_s'], 2)} s, queued->start median "
+                log(
+                    f"  wall {fmt(result['wall_s'], 2)} s, queued->start median "
                     f"{fmt(result['latency_median_s'], 2)} s p95 {fmt(result['latency_p95_s'], 2)} s, "
-                    f"idle PSS {fmt(result['idle_pss_mib'], 0)} MiB (startup {result['startup_s']} s)")
+                    f"idle PSS {fmt(result['idle_pss_mib'], 0)} MiB (startup {result['startup_s']} s)"
+                )
             else:
                 log(f"  FAILED: {result.get('error')} (logs in {result['home']}/logs)")
     summary = summarize(runs, args.names)
@@ -264,12 +337,21 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, "bench/run.py", *(argv or sys.argv[1:])]),
-            "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                         text=True).stdout.strip(),
-            "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                        "platform": platform.platform(), "python": platform.python_version()},
-            "n": args.n, "repeats": args.repeats, "parallelism": args.parallelism,
-            "concurrency": args.concurrency, "settle_s": args.settle,
+            "git_commit": subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+            ).stdout.strip(),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+            },
+            "n": args.n,
+            "repeats": args.repeats,
+            "parallelism": args.parallelism,
+            "concurrency": args.concurrency,
+            "settle_s": args.settle,
+            "extra_env": args.extra_env,
             "versions": {s.name: versions(s) for s in specs},
             "duration_s": round(time.monotonic() - started, 1),
         },

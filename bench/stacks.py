@@ -72,13 +72,21 @@ EXECUTORS = {
 class BenchStack(Stack):
     """A ``Stack`` that runs a chosen venv's ``airflow`` and can start any executor's worker."""
 
-    def __init__(self, spec: ExecutorSpec, home: Path, *, n: int, parallelism: int,
-                 concurrency: int) -> None:
-        bundles = [{"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-                    "kwargs": {"path": str(BENCH_DAGS)}}]
+    def __init__(self, spec: ExecutorSpec, home: Path, *, n: int, parallelism: int, concurrency: int) -> None:
+        bundles = [
+            {
+                "name": "dags-folder",
+                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                "kwargs": {"path": str(BENCH_DAGS)},
+            }
+        ]
         super().__init__(
-            home, sql_conn=spec.sql_conn, broker_url=spec.broker_url, executor=spec.executor,
-            key_prefix="asyncq_bench", dags_folder=BENCH_DAGS,
+            home,
+            sql_conn=spec.sql_conn,
+            broker_url=spec.broker_url,
+            executor=spec.executor,
+            key_prefix="asyncq_bench",
+            dags_folder=BENCH_DAGS,
             extra_env={
                 "ASYNCQ_BENCH_N": str(n),
                 "AIRFLOW__CORE__PARALLELISM": str(parallelism),
@@ -97,13 +105,24 @@ class BenchStack(Stack):
 
     # Stack.run/spawn hard-code the airflow next to sys.executable; these differ only in the binary.
     def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.spec.airflow), *args], env=self.env, check=check, timeout=timeout,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [str(self.spec.airflow), *args],
+            env=self.env,
+            check=check,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+        )
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([str(self.spec.airflow), *args], env={**self.env, **(env or {})},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [str(self.spec.airflow), *args],
+                env={**self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -126,8 +145,10 @@ class BenchStack(Stack):
             self.check_alive()
             health = self.api("GET", "/api/v2/monitor/health", auth=False)
             components = ("metadatabase", "scheduler", "triggerer", "dag_processor")
-            if all((health.get(c) or {}).get("status") == "healthy" for c in components) and \
-                    self._worker_ready():
+            if (
+                all((health.get(c) or {}).get("status") == "healthy" for c in components)
+                and self._worker_ready()
+            ):
                 return
             time.sleep(1)
         raise TimeoutError(f"{self.spec.label} stack was not ready within {timeout} s; logs in {self.logs}")

@@ -9,6 +9,9 @@ ARG_CONCURRENCY = Arg(("-c", "--concurrency"), help="Airflow workload slots (def
 ARG_HOSTNAME = Arg(("-H", "--hostname"), help="Celery node name (default: asyncq@%%h)")
 ARG_SKIP_SERVE_LOGS = Arg(("-s", "--skip-serve-logs"), action="store_true",
                           help="Do not serve running tasks' logs (another process on this host does)")
+ARG_MEMORY_BUDGET = Arg(("-m", "--memory-budget"),
+                        help="Memory this worker hands out to task requests, e.g. 12GiB "
+                             "(default: [asyncq] worker_memory_budget, else a fraction of memory)")
 ARG_VERBOSE = Arg(("-v", "--verbose"), action="store_true", help="Log at DEBUG level")
 ARG_JSON = Arg(("--json",), action="store_true", help="Print JSON instead of a table")
 
@@ -17,7 +20,7 @@ ASYNCQ_COMMANDS = (
         name="worker",
         help="Start an AsyncQ worker (a Celery worker that forks Airflow workloads from a warm parent)",
         func=lazy_load_command("airflow_asyncq_provider.worker.command.worker"),
-        args=(ARG_QUEUES, ARG_CONCURRENCY, ARG_HOSTNAME, ARG_SKIP_SERVE_LOGS, ARG_VERBOSE),
+        args=(ARG_QUEUES, ARG_CONCURRENCY, ARG_HOSTNAME, ARG_MEMORY_BUDGET, ARG_SKIP_SERVE_LOGS, ARG_VERBOSE),
     ),
     ActionCommand(
         name="status",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.state import TaskInstanceState
 
-from airflow_asyncq_provider.errors import BrokerUnavailable, PublishError
+from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError, PublishError
 from airflow_asyncq_provider.state import events
 from airflow_asyncq_provider.state.keys import Keys
 from airflow_asyncq_provider.state.urls import mask_url
@@ -33,6 +33,17 @@ LIVENESS_EVERY = 5.0
 QUEUE_CHECK_EVERY = 30.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    key: Any
+    task_id: str
+    queue: str
+    priority: int
+    workload: Any
+    meta: dict[str, Any]
+    key_json: str
+
+
 @dataclasses.dataclass
 class Tracked:
     """What the executor remembers of one workload it published (or adopted)."""
@@ -42,17 +53,12 @@ class Tracked:
     published_at: float
     hostname: str | None = None
     received: bool = False
+    started: bool = False
     warned_unconsumed: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Outgoing:
-    key: Any
-    task_id: str
-    queue: str
-    priority: int
-    payload: str
-    key_json: str
+    # Kept until a worker starts it, so the executor can publish it again (Redis lost it, or its
+    # token expired in the queue). ``None`` for adopted work, which this scheduler never published.
+    outgoing: Outgoing | None = None
+    lease_missing_since: float | None = None
 
 
 class AsyncQExecutor(BaseExecutor):
@@ -76,6 +82,9 @@ class AsyncQExecutor(BaseExecutor):
         self._publish_failures: Counter[Any] = Counter()
         self._next_liveness = 0.0
         self._next_queue_check = 0.0
+        self._redis_run_id: str | None = None
+        self._recovery_at: float | None = None
+        self._grace_until = 0.0
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -127,7 +136,17 @@ class AsyncQExecutor(BaseExecutor):
 
     # ---------------------------------------------------------------- publishing
     def _process_workloads(self, workload_items: Sequence[ExecutorWorkload]) -> None:
-        outgoing = [self._outgoing(w) for w in workload_items]
+        outgoing = []
+        for workload in workload_items:
+            try:
+                outgoing.append(self._outgoing(workload))
+            except ConfigError as exc:  # a bad executor_config fails this task, visibly, and only it
+                key = workload.key
+                self.queued_tasks.pop(key, None)
+                self.queued_callbacks.pop(key, None)
+                self.log.error("Not queueing %s: %s", key, exc)
+                self.fail(key, info=str(exc))
+        outgoing = [item for item in outgoing if not self._refuse_oversized(item)]
         if not outgoing:
             return
         try:
@@ -143,13 +162,48 @@ class AsyncQExecutor(BaseExecutor):
             self.queued_callbacks.pop(item.key, None)
             self._publish_failures.pop(item.key, None)
             self.running.add(item.key)
-            self._track(item.key, Tracked(item.task_id, item.queue, now))
+            self._track(item.key, Tracked(item.task_id, item.queue, now, outgoing=item))
             self.event_buffer[item.key] = (TaskInstanceState.QUEUED, item.task_id)
+
+    def _largest_budget(self, queue: str) -> int | None:
+        """The largest memory budget of the live workers consuming ``queue``; None if there are none."""
+        from airflow_asyncq_provider.state import registry
+
+        budgets = [int(w.get("memory_budget") or 0) for w in registry.live_workers(self._redis, self.keys).values()
+                   if queue in (w.get("queues") or [])]
+        return max(budgets) if budgets else None
+
+    def _refuse_oversized(self, item: Outgoing, tracked: Tracked | None = None) -> bool:
+        """Fail a task whose memory request no live worker on its queue could ever admit."""
+        from airflow_asyncq_provider.memory.sizes import format_size
+
+        assert self.settings is not None
+        request = item.meta["memory_request"]
+        if request <= self.settings.default_memory_request:
+            return False
+        try:
+            largest = self._largest_budget(item.queue)
+        except Exception:
+            return False  # the registry is unreachable: publish, and let the workers decide
+        if largest is None or request <= largest:
+            return False
+        reason = (f"memory request {format_size(request)} exceeds every worker's memory budget on queue "
+                  f"{item.queue!r} (largest: {format_size(largest)}); lower executor_config['asyncq']"
+                  "['memory_request'] or start a worker with a larger --memory-budget")
+        self.log.error("Task %s: %s", item.key, reason)
+        self.queued_tasks.pop(item.key, None)
+        self.queued_callbacks.pop(item.key, None)
+        if tracked is not None:
+            self._untrack(item.key)
+            self._revoke_record(item.task_id)
+        self.fail(item.key, info=reason)
+        return True
 
     def _outgoing(self, workload: Any) -> Outgoing:
         from airflow.executors.workloads import ExecuteCallback, ExecuteTask
 
         from airflow_asyncq_provider.celery_app import priority_step
+        from airflow_asyncq_provider.memory.requests import memory_spec
 
         assert self.settings is not None, "start() was not called"
         if isinstance(workload, ExecuteTask):
@@ -157,13 +211,17 @@ class AsyncQExecutor(BaseExecutor):
             task_id = ti.external_executor_id or str(ti.id)
             key_json = json.dumps({"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id,
                                    "try_number": ti.try_number, "map_index": ti.map_index})
+            spec = memory_spec(ti.executor_config, f"{ti.dag_id}.{ti.task_id}",
+                               self.settings.default_memory_request, self.settings.default_memory_limit)
             return Outgoing(ti.key, task_id, ti.queue or self.settings.default_queue,
-                            priority_step(ti.priority_weight), workload.model_dump_json(), key_json)
+                            priority_step(ti.priority_weight), workload, spec.as_meta(), key_json)
         if isinstance(workload, ExecuteCallback):
             data = workload.callback.data if isinstance(workload.callback.data, dict) else {}
             queue = data.get("queue") or self.settings.default_queue
-            return Outgoing(workload.callback.key, str(workload.callback.id), queue, 0,
-                            workload.model_dump_json(), json.dumps({"callback_id": str(workload.callback.id)}))
+            meta = {"memory_request": self.settings.default_memory_request,
+                    "memory_limit": self.settings.default_memory_limit}
+            return Outgoing(workload.callback.key, str(workload.callback.id), queue, 0, workload, meta,
+                            json.dumps({"callback_id": str(workload.callback.id)}))
         raise ValueError(f"AsyncQExecutor cannot run workloads of type {type(workload).__name__}")
 
     def _publish(self, outgoing: list[Outgoing]) -> None:
@@ -190,8 +248,11 @@ class AsyncQExecutor(BaseExecutor):
             with batch:
                 for item in outgoing:
                     self._app.send_task(
-                        EXECUTE_WORKLOAD, args=(item.payload,), task_id=item.task_id, queue=item.queue,
-                        priority=item.priority, producer=producer, retry=False,
+                        EXECUTE_WORKLOAD, args=(item.workload.model_dump_json(), item.meta),
+                        task_id=item.task_id, queue=item.queue, priority=item.priority,
+                        producer=producer, retry=False,
+                        # what Celery logs and Flower shows instead of the payload, which holds a token
+                        argsrepr=f"(<workload {item.key_json}>)", kwargsrepr="{}",
                     )
         except Exception as exc:
             raise PublishError(
@@ -227,21 +288,26 @@ class AsyncQExecutor(BaseExecutor):
     def sync(self) -> None:
         if self._redis is None:
             return
-        self._read_events()
-        now = time.monotonic()
-        if self._tracked and now >= self._next_liveness:
-            self._next_liveness = now + LIVENESS_EVERY
-            self._guarded(self._check_worker_liveness)
         assert self.settings is not None
+        now = time.monotonic()
+        periodic = now >= self._next_liveness
+        if periodic:
+            self._next_liveness = now + LIVENESS_EVERY
+            self._guarded(self._check_redis_restart)
+        self._read_events()
+        if periodic and self._tracked:
+            self._guarded(self._recover_lost_messages)
+            self._guarded(self._check_worker_liveness)
         if self._tracked and now >= self._next_queue_check:
             self._next_queue_check = now + min(QUEUE_CHECK_EVERY, self.settings.unconsumed_queue_warning / 2)
-            self._guarded(self._warn_unconsumed_queues)
+            self._guarded(self._check_waiting)
 
     def _guarded(self, step: Any) -> None:
         try:
             step()
-        except Exception:
-            self.log.warning("AsyncQExecutor %s failed; will retry", step.__name__, exc_info=True)
+        except Exception as exc:
+            self.log.warning("AsyncQExecutor %s failed (%s: %s); will retry", step.__name__,
+                             type(exc).__name__, mask_url(str(exc)))
 
     def _read_events(self) -> int:
         """Read at most ``event_batch_size`` new events. Cost follows changes, not running tasks."""
@@ -271,63 +337,146 @@ class AsyncQExecutor(BaseExecutor):
         if kind == events.RECEIVED:
             tracked.received = True
         elif kind == events.STARTED:
-            tracked.received = True
+            tracked.received = tracked.started = True
+            tracked.outgoing = None  # started: never published again
             self.running_state(key, task_id)
         elif kind == events.SUCCESS:
             self._untrack(key)
             self.success(key, task_id)
-        elif kind == events.FAILED:
+        elif kind in (events.FAILED, events.REVOKED):
             self._untrack(key)
-            reason = info.get("reason") or "failed"
+            reason = info.get("reason") or kind
             self.log.warning("Task %s failed on %s: %s", key, tracked.hostname, reason)
             self.fail(key, info=reason)
+        elif kind == events.TOKEN_EXPIRED:
+            self._republish_with_fresh_token(key, tracked)
         elif kind == events.DUPLICATE:
             self.log.info("Duplicate delivery of %s dropped on %s: %s", key, info.get("hostname"),
                           info.get("reason"))
 
+    # ---------------------------------------------------------------- recovery
+    def _republish(self, items: list[Outgoing], why: str) -> None:
+        try:
+            self._publish(items)
+        except PublishError as exc:
+            self._reset_producer()
+            self.log.warning("Re-publishing %d workload(s) (%s) failed, will retry: %s", len(items), why, exc)
+            return
+        for item in items:
+            self._tracked[item.key].published_at = time.time()
+            self.log.warning("Re-published %s as %s: %s", item.key, item.task_id, why)
+
+    def _republish_with_fresh_token(self, key: Any, tracked: Tracked) -> None:
+        """A worker found the workload's token expired before starting it; mint a new one and resend.
+
+        The worker dropped the message without claiming it, so the same id is still unclaimed and
+        exactly one worker will run the new message.
+        """
+        item = tracked.outgoing
+        if item is None or tracked.started:
+            self.log.error("Task %s waited past its token's validity and was not published by this "
+                           "scheduler, so it cannot be refreshed", key)
+            self._untrack(key)
+            self.fail(key, info="token expired while the workload waited in the queue "
+                                "([scheduler] task_queued_timeout); Airflow retries it")
+            return
+        subject = str(item.workload.ti.id) if hasattr(item.workload, "ti") else str(item.workload.callback.id)
+        token = type(item.workload).generate_token(subject, self.jwt_generator)
+        fresh = dataclasses.replace(item, workload=item.workload.model_copy(update={"token": token}))
+        tracked.outgoing = fresh
+        self._republish([fresh], "its token expired while it waited in the queue; sent with a fresh token")
+
+    def _check_redis_restart(self) -> None:
+        """A Redis that keeps nothing on disk forgets queues, records and the stream when it restarts."""
+        run_id = self._redis.info("server").get("run_id")
+        if self._redis_run_id is None:
+            self._redis_run_id = run_id
+        elif run_id != self._redis_run_id:
+            self._redis_run_id = run_id
+            self._last_event_id = "0-0"  # the stream was recreated: read it from its start
+            assert self.settings is not None
+            # Workers re-assert claims and leases within one heartbeat; only then can "no record"
+            # be trusted to mean "no worker has it".
+            self._recovery_at = time.monotonic() + 2 * self.settings.worker_heartbeat_interval
+            self._grace_until = time.monotonic() + self.settings.worker_lost_timeout
+            self.log.warning("Redis restarted (run_id changed); checking %d tracked workload(s) for lost "
+                             "messages after the workers' next heartbeat", len(self._tracked))
+
+    def _recover_lost_messages(self) -> None:
+        if self._recovery_at is None or time.monotonic() < self._recovery_at:
+            return
+        self._recovery_at = None
+        candidates = [(key, t) for key, t in self._tracked.items() if not t.started and t.outgoing]
+        if not candidates:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for _key, tracked in candidates:
+            pipe.hget(self.keys.task(tracked.task_id), "claimed_by")
+        lost = [t.outgoing for (_k, t), owner in zip(candidates, pipe.execute(), strict=True) if not owner]
+        if lost:
+            self._republish([item for item in lost if item is not None],
+                            "Redis restarted and lost it before any worker claimed it")
+
     def _check_worker_liveness(self) -> None:
+        """Fail the tasks of a worker that stopped heartbeating, or whose lease ran out."""
         from airflow_asyncq_provider.state import registry
 
         assert self.settings is not None
-        hosts = sorted({t.hostname for t in self._tracked.values() if t.hostname})
-        if not hosts:
+        if time.monotonic() < self._grace_until:
+            return  # just after a Redis restart, registry and leases are being rebuilt
+        started = [(key, t) for key, t in self._tracked.items() if t.started or t.hostname]
+        if not started:
             return
-        dead = {host for host, ok in registry.alive(self._redis, self.keys, hosts).items() if not ok}
-        if not dead:
-            return
-        victims = [(key, t) for key, t in self._tracked.items() if t.hostname in dead]
+        hosts = sorted({t.hostname for _key, t in started if t.hostname})
+        alive = registry.alive(self._redis, self.keys, hosts)
         pipe = self._redis.pipeline(transaction=False)
-        for _key, tracked in victims:
+        for _key, tracked in started:
+            pipe.exists(self.keys.lease(tracked.task_id))
             pipe.hgetall(self.keys.task(tracked.task_id))
-        for (key, tracked), record in zip(victims, pipe.execute(), strict=True):
+        replies = pipe.execute()
+        now = time.monotonic()
+        for (key, tracked), has_lease, record in zip(started, replies[0::2], replies[1::2], strict=True):
             state = record.get("state")
-            if state in events.TERMINAL:  # it finished before the worker went away
+            if state in events.TERMINAL:  # it finished; the event may still be on its way
                 self._apply(tracked.task_id, state, record)
                 continue
-            reason = (f"worker {tracked.hostname} lost: no heartbeat for more than "
-                      f"{self.settings.worker_lost_timeout:g} s")
+            if not tracked.started:
+                continue
+            if not alive.get(tracked.hostname or "", False):
+                reason = (f"worker {tracked.hostname} lost: no heartbeat for more than "
+                          f"{self.settings.worker_lost_timeout:g} s")
+            elif has_lease:
+                tracked.lease_missing_since = None
+                continue
+            else:
+                tracked.lease_missing_since = tracked.lease_missing_since or now
+                if now - tracked.lease_missing_since < self.settings.worker_lost_timeout:
+                    continue
+                reason = f"lease expired: worker {tracked.hostname} is alive but no longer runs this task"
             self.log.error("Task %s: %s", key, reason)
             self._untrack(key)
             self.fail(key, info=reason)
 
-    def _warn_unconsumed_queues(self) -> None:
+    def _check_waiting(self) -> None:
+        """Workloads nobody has taken yet: warn about unconsumed queues, refuse impossible requests."""
         from airflow_asyncq_provider.state import registry
 
         assert self.settings is not None
         cutoff = time.time() - self.settings.unconsumed_queue_warning
-        waiting = [t for t in self._tracked.values()
-                   if not t.received and not t.warned_unconsumed and t.published_at < cutoff]
+        waiting = [(key, t) for key, t in self._tracked.items() if not t.received]
         if not waiting:
             return
         consumed = {q for w in registry.live_workers(self._redis, self.keys).values()
                     for q in (w.get("queues") or [])}
-        for tracked in waiting:
-            if tracked.queue not in consumed:
+        for key, tracked in waiting:
+            if tracked.outgoing is not None and self._refuse_oversized(tracked.outgoing, tracked):
+                continue
+            if tracked.queue not in consumed and not tracked.warned_unconsumed and tracked.published_at < cutoff:
                 tracked.warned_unconsumed = True
                 self.log.warning(
-                    "Workload %s has waited %.0f s on queue %r, which no live worker consumes; start "
+                    "Workload %s (%s) has waited %.0f s on queue %r, which no live worker consumes; start "
                     "one with `airflow asyncq worker -q %s`",
-                    tracked.task_id, time.time() - tracked.published_at, tracked.queue, tracked.queue)
+                    tracked.task_id, key, time.time() - tracked.published_at, tracked.queue, tracked.queue)
 
     # ---------------------------------------------------------------- adoption and revoke
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
@@ -359,12 +508,18 @@ class AsyncQExecutor(BaseExecutor):
         return not_adopted
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
+        """Drop a workload that has not started and stop one that runs; never raises."""
         key = ti.key
         tracked = self._untrack(key)
         task_id = tracked.task_id if tracked else ti.external_executor_id
         self.running.discard(key)
         self.queued_tasks.pop(key, None)
-        if not task_id or self._redis is None or self.settings is None:
+        if task_id:
+            self._revoke_record(task_id)
+
+    def _revoke_record(self, task_id: str) -> None:
+        """Workers drop a revoked message before claiming it, and stop it within a heartbeat if running."""
+        if self._redis is None or self.settings is None:
             return
         try:
             record = self.keys.task(task_id)
@@ -373,4 +528,4 @@ class AsyncQExecutor(BaseExecutor):
             pipe.expire(record, self.settings.state_ttl)
             pipe.execute()
         except Exception:
-            self.log.exception("Could not revoke %s (%s)", key, task_id)
+            self.log.exception("Could not revoke %s", task_id)

@@ -21,6 +21,7 @@ SUCCESS = "success"
 FAILED = "failed"
 DUPLICATE = "duplicate"
 REVOKED = "revoked"
+TOKEN_EXPIRED = "token_expired"
 TERMINAL = frozenset({SUCCESS, FAILED, REVOKED})
 
 
@@ -39,7 +40,7 @@ def emit(
     event = {"id": task_id, "kind": kind, "ts": record[f"{kind}_at"]}
     event.update({k: v for k, v in record.items() if k in fields})
     pipe = client.pipeline(transaction=True)
-    if kind != DUPLICATE:  # a duplicate delivery must not overwrite the real run's record
+    if kind not in (DUPLICATE, TOKEN_EXPIRED):  # neither may overwrite the real run's record
         pipe.hset(keys.task(task_id), mapping=record)
         pipe.expire(keys.task(task_id), ttl)
     pipe.xadd(keys.events, event, maxlen=maxlen, approximate=True)

@@ -18,6 +18,10 @@ class Keys:
         """Hash: one task's record from publish to finish; the claim is a field in it."""
         return f"{self.prefix}:task:{task_id}"
 
+    def lease(self, task_id: str) -> str:
+        """String with a TTL, renewed by the worker running the task. Gone means nobody runs it."""
+        return f"{self.prefix}:lease:{task_id}"
+
     def worker(self, hostname: str) -> str:
         """Hash with a TTL: a worker's heartbeat. Gone means the worker is lost."""
         return f"{self.prefix}:worker:{hostname}"

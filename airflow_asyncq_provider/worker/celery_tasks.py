@@ -1,8 +1,12 @@
-"""The Celery task the executor publishes, and the hooks that dead-letter what Celery refuses."""
+"""Everything the worker plugs into Celery: the task the executor publishes, two consumer bootsteps
+(a loop tick that proves the consumer turns, and the memory admission gate), and the hooks that
+dead-letter what Celery refuses before any task code runs."""
 
 from __future__ import annotations
 
 import logging
+import time
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD
@@ -16,16 +20,57 @@ log = logging.getLogger(__name__)
 
 
 def register_tasks(app: Celery, runner: WorkloadRunner) -> None:
-    from celery import signals
+    from celery import bootsteps, signals
 
     @app.task(name=EXECUTE_WORKLOAD, bind=True, ignore_result=True, acks_late=False)
     def execute_workload(self: Any, *args: Any, **kwargs: Any) -> str:
         task_id = self.request.id
-        if len(args) != 1 or kwargs:
-            runner.dead_letter(task_id, f"expected one JSON payload argument, got {len(args)} args "
-                               f"and {sorted(kwargs)} kwargs", repr((args, kwargs)))
+        delivery = self.request.delivery_info or {}
+        queue = delivery.get("routing_key")
+        if not 1 <= len(args) <= 2 or kwargs:
+            runner.dead_letter(task_id, f"expected (payload[, meta]) arguments, got {len(args)} args "
+                               f"and {sorted(kwargs)} kwargs", repr((args, kwargs)), queue)
             return "rejected"
-        return runner.run(task_id, args[0])
+        meta = args[1] if len(args) == 2 else None
+        return runner.run(task_id, args[0], meta, queue=queue, priority=delivery.get("priority"))
+
+    def requeue(task_id: str, payload: str, meta: dict[str, Any] | None, queue: str,
+                priority: int | None) -> None:
+        app.send_task(EXECUTE_WORKLOAD, args=(payload, meta), task_id=task_id, queue=queue,
+                      priority=priority, argsrepr=f"(<workload {task_id}>)", kwargsrepr="{}")
+
+    runner.requeue = requeue
+
+    class ConsumerTick(bootsteps.StartStopStep):
+        """Ticks from inside the consumer's event loop: a stuck consumer stops ticking, and the
+        registry then shows the worker as unhealthy although its heartbeat thread still runs."""
+
+        requires = {"celery.worker.consumer.tasks:Tasks"}
+
+        def start(self, c: Any) -> None:
+            runner.consumer_tick_at = time.time()
+            c.timer.call_repeatedly(1.0, _tick)
+
+    def _tick() -> None:
+        runner.consumer_tick_at = time.time()
+
+    class AdmissionGate(bootsteps.StartStopStep):
+        """Wraps the channel's ``can_consume`` (as ``worker_disable_prefetch`` does) so the worker
+        fetches a message only when memory for one more task is free and it is not draining."""
+
+        requires = {"celery.worker.consumer.tasks:Tasks"}
+
+        def start(self, c: Any) -> None:
+            qos = c.task_consumer.channel.qos
+            original = qos.can_consume
+
+            def can_consume(_self: Any) -> bool:
+                return not runner.draining and runner.admission.can_consume() and original()
+
+            qos.can_consume = MethodType(can_consume, qos)
+
+    app.steps["consumer"].add(ConsumerTick)
+    app.steps["consumer"].add(AdmissionGate)
 
     def _message_id(message: Any) -> str:
         headers = getattr(message, "headers", None) or {}
@@ -33,8 +78,7 @@ def register_tasks(app: Celery, runner: WorkloadRunner) -> None:
 
     @signals.task_rejected.connect(weak=False)
     def _on_rejected(message: Any = None, exc: Any = None, **_: Any) -> None:
-        # Celery refused the message before any task code ran: a pickle body, an unknown
-        # content type, or a body it cannot decode.
+        # A pickle body, an unknown content type, or a body Celery cannot decode.
         runner.dead_letter(_message_id(message), f"message refused by Celery: {exc!r}",
                            _raw_body(message))
 

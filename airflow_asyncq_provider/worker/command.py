@@ -1,7 +1,12 @@
 """``airflow asyncq worker``: a real Celery worker whose slots fork workloads from a warm parent.
 
-Exit codes: 0 after a normal shutdown, 2 for a bad argument or setting, 3 when Redis cannot be
-reached at start, 4 when the fork server cannot start.
+Exit codes (also in docs/OPERATIONS.md):
+  0  stopped normally: every running task finished within the drain timeout
+  2  a bad argument or ``[asyncq]`` setting (the message names it)
+  3  Redis could not be reached at start (the message shows the masked URL)
+  4  the warm fork parent could not start
+  5  drained, but the drain timeout ran out and running tasks were terminated
+  6  a second SIGTERM: running tasks were killed at once
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -23,14 +29,27 @@ from airflow_asyncq_provider.state.urls import mask_url
 
 log = logging.getLogger("airflow_asyncq_provider.worker")
 
-EXIT_OK, EXIT_CONFIG, EXIT_BROKER, EXIT_FORKSERVER = 0, 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_BROKER, EXIT_FORKSERVER, EXIT_DRAIN_TIMEOUT, EXIT_FORCED = 0, 2, 3, 4, 5, 6
+
+_JWT = re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]+")
+
+
+class SecretsFilter(logging.Filter):
+    """Defence in depth: no token or broker password reaches a log line, whatever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = mask_url(_JWT.sub("<token>", message)) if ("eyJ" in message or "@" in message) else message
+        cleaned = re.sub(r"(redis|rediss)://([^:@/\s]*):([^@\s]+)@", r"\1://\2:***@", cleaned)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
 
 
 def parse_queues(raw: str | None, default: str) -> list[str]:
     if raw is None:
         return [default]
-    names = raw.split(",")
-    return [validate_queue_name(name, "airflow asyncq worker -q") for name in names]
+    return [validate_queue_name(name, "airflow asyncq worker -q") for name in raw.split(",")]
 
 
 def parse_concurrency(raw: Any, default: int) -> int:
@@ -46,29 +65,72 @@ def parse_concurrency(raw: Any, default: int) -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
+    from airflow_asyncq_provider.memory.sizes import parse_size
+
     try:
         settings = load_settings()
         queues = parse_queues(args.queues, settings.default_queue)
         concurrency = parse_concurrency(args.concurrency, settings.worker_concurrency)
+        budget = (parse_size(args.memory_budget, "airflow asyncq worker --memory-budget")
+                  if getattr(args, "memory_budget", None) else settings.worker_memory_budget)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     from celery.utils.nodenames import host_format
 
     hostname = host_format(args.hostname or "asyncq@%h")
-    sys.exit(run_worker(settings, queues, concurrency, hostname, serve_logs=not args.skip_serve_logs,
-                        loglevel="DEBUG" if args.verbose else "INFO"))
+    sys.exit(run_worker(settings, queues, concurrency, hostname, budget=budget,
+                        serve_logs=not args.skip_serve_logs, loglevel="DEBUG" if args.verbose else "INFO"))
+
+
+class Drain:
+    """SIGTERM: stop taking work, let running tasks finish within the drain timeout, then terminate
+    them with a reason. A second SIGTERM kills them at once."""
+
+    def __init__(self, runner: Any, settings: AsyncQSettings, hostname: str) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.hostname = hostname
+        self.signals = 0
+        self.exit_code = EXIT_OK
+
+    def on_shutdown(self, sig: Any = None, **_: Any) -> None:
+        self.signals += 1
+        self.runner.draining = True
+        if self.signals == 1:
+            log.warning("%s: draining %d running task(s), up to %.0f s ([asyncq] worker_drain_timeout)",
+                        sig, len(self.runner.running), self.settings.worker_drain_timeout)
+            threading.Thread(target=self._wait_then_terminate, name="asyncq-drain", daemon=True).start()
+        else:
+            self.exit_code = EXIT_FORCED
+            log.warning("%s again: killing %d running task(s) now", sig, len(self.runner.running))
+            self.runner.stop_all(f"worker {self.hostname} was stopped by a second SIGTERM", kill_now=True)
+
+    def _wait_then_terminate(self) -> None:
+        deadline = time.monotonic() + self.settings.worker_drain_timeout
+        while self.runner.running and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.runner.running and self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_DRAIN_TIMEOUT
+            self.runner.stop_all(f"worker {self.hostname} drained: [asyncq] worker_drain_timeout of "
+                                 f"{self.settings.worker_drain_timeout:g} s ran out")
 
 
 def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, hostname: str,
-               serve_logs: bool = True, loglevel: str = "INFO") -> int:
+               budget: int | None = None, serve_logs: bool = True, loglevel: str = "INFO") -> int:
+    from celery import signals
+
     from airflow_asyncq_provider.celery_app import make_celery_app
+    from airflow_asyncq_provider.memory.admission import Admission, detect_budget
+    from airflow_asyncq_provider.memory.watchdog import Watchdog
     from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
     from airflow_asyncq_provider.worker.celery_tasks import register_tasks
     from airflow_asyncq_provider.worker.forkclient import ForkClient, ForkServerError
     from airflow_asyncq_provider.worker.runner import WorkloadRunner
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SecretsFilter())
     client = make_redis(settings)
     try:
         ping_or_raise(client, settings, "airflow asyncq worker")
@@ -81,36 +143,52 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
     except ForkServerError as exc:
         print(f"error: the warm fork parent could not start: {exc}", file=sys.stderr)
         return EXIT_FORKSERVER
-    runner = WorkloadRunner(settings, hostname, forks, client)
+    from airflow.configuration import conf
+
+    admission = Admission(detect_budget(budget, settings.worker_memory_fraction),
+                          settings.default_memory_request)
+    runner = WorkloadRunner(settings, hostname, forks, client, admission,
+                            log_folder=conf.get("logging", "base_log_folder", fallback=None))
+    watchdog = Watchdog(settings.watchdog_interval, runner.watch_list, runner.over_limit)
+    runner.peak_of = watchdog.pop_peak
     app = make_celery_app(settings)
     register_tasks(app, runner)
-    log.info("asyncq worker %s: broker %s, queues %s, %d slots, fork server pid %s",
-             hostname, mask_url(settings.broker_url), ",".join(queues), concurrency, forks.pid)
+    drain = Drain(runner, settings, hostname)
+    signals.worker_shutting_down.connect(drain.on_shutdown, weak=False)
+    log.info("asyncq worker %s: broker %s, queues %s, %d slots, memory budget %d MiB, fork server pid %s",
+             hostname, mask_url(settings.broker_url), ",".join(queues), concurrency,
+             admission.budget // 1024**2, forks.pid)
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat_loop, name="asyncq-heartbeat", daemon=True,
-        args=(stop, settings, client, runner, hostname, queues, concurrency, forks),
+        args=(stop, settings, client, runner, watchdog, hostname, queues, concurrency, forks),
     )
     try:
         with _serve_logs(serve_logs):  # forks: start it before any thread of ours exists
             beat.start()
-            app.worker_main([
-                "worker", "--pool", "threads", "--concurrency", str(concurrency),
-                "--queues", ",".join(queues), "--hostname", hostname, "--loglevel", loglevel,
-                "--task-events", "--without-mingle", "--without-gossip",
-            ])
+            watchdog.start()
+            try:
+                app.worker_main([
+                    "worker", "--pool", "threads", "--concurrency", str(concurrency),
+                    "--queues", ",".join(queues), "--hostname", hostname, "--loglevel", loglevel,
+                    "--task-events", "--without-mingle", "--without-gossip",
+                ])
+            except SystemExit as exc:
+                if exc.code not in (0, None):
+                    return int(exc.code) if isinstance(exc.code, int) else 1
     finally:
         stop.set()
+        watchdog.stop()
         from airflow_asyncq_provider.state import registry
 
         with contextlib.suppress(Exception):
             registry.unregister(client, runner.keys, hostname)
         forks.stop()
-    return EXIT_OK
+    return drain.exit_code
 
 
 def _heartbeat_loop(stop: threading.Event, settings: AsyncQSettings, client: Any, runner: Any,
-                    hostname: str, queues: list[str], concurrency: int, forks: Any) -> None:
+                    watchdog: Any, hostname: str, queues: list[str], concurrency: int, forks: Any) -> None:
     from airflow_asyncq_provider.state import registry
 
     started_at = time.time()
@@ -122,8 +200,15 @@ def _heartbeat_loop(stop: threading.Event, settings: AsyncQSettings, client: Any
                 "free": concurrency - running, "version": __version__, "pid": os.getpid(),
                 "forkserver_pid": forks.pid, "started_at": f"{started_at:.3f}",
                 "last_claim_at": f"{runner.last_claim_at:.3f}",
+                "consumer_tick_at": f"{runner.consumer_tick_at:.3f}",
+                "draining": runner.draining,
+                "memory_budget": runner.admission.budget,
+                "memory_reserved": runner.admission.used,
+                "memory_in_use": watchdog.in_use(),
+                "tasks": {task_id: {"pid": pid, "pss": watchdog.current.get(task_id, 0), "limit": limit}
+                          for task_id, pid, limit in runner.watch_list()},
             }, ttl=settings.worker_lost_timeout)
-            runner.kill_revoked()
+            runner.renew_leases()
         except Exception as exc:  # Redis restarting must not kill the heartbeat thread
             log.warning("Heartbeat to Redis failed (%s); retrying in %.0f s",
                         type(exc).__name__, settings.worker_heartbeat_interval)

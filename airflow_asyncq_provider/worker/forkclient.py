@@ -113,10 +113,12 @@ class ForkClient:
         return Child(conn, reader, int(reply["pid"]))
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Closing the server's stdin is its stop signal; it kills any workload still running."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
+        if proc.stdin is not None:
+            proc.stdin.close()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

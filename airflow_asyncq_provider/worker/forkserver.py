@@ -114,7 +114,10 @@ class ForkServer:
         os.set_blocking(self._sigchld_w, False)
         signal.set_wakeup_fd(self._sigchld_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: self._shutdown(listener))
+        # Signals to the worker's process group (Ctrl-C, a pod stop) must not take the fork server
+        # down under running workloads: the worker drains first, then closes our stdin.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.selector.register(self._sigchld_r, selectors.EVENT_READ, "sigchld")
         self.selector.register(sys.stdin, selectors.EVENT_READ, "parent")
         print(f"asyncq fork server ready pid={os.getpid()} socket={self.socket_path}", flush=True)
@@ -203,7 +206,9 @@ class ForkServer:
         conn.close()
 
     def _parent_gone(self, listener: socket.socket) -> None:
-        print("asyncq fork server: worker is gone; killing its workloads", file=sys.stderr, flush=True)
+        if self.children:
+            print(f"asyncq fork server: worker is gone; killing its {len(self.children)} workload(s)",
+                  file=sys.stderr, flush=True)
         self._kill_children(signal.SIGKILL)
         self._shutdown(listener)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import pendulum
-
 from airflow.sdk import dag, task
 
 N = int(os.environ.get("ASYNCQ_BENCH_N", "100"))

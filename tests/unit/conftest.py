@@ -63,6 +63,9 @@ class FakeRedis:
         self.ttls: dict[str, int] = {}
         self.stream: list[tuple[str, dict[str, str]]] = []
         self.lists: dict[str, list[str]] = {}
+        self.strings: dict[str, str] = {}
+        self.sets: dict[str, set[str]] = {}
+        self.run_id = "fake-run-1"
         self.commands: list[str] = []
         self.pipelines_executed = 0
         self.fail_with: BaseException | None = None
@@ -103,6 +106,27 @@ class FakeRedis:
         self._cmd("HGETALL")
         return dict(self.hashes.get(key, {}))
 
+    def hincrby(self, key: str, field: str, amount: int = 1) -> int:
+        self._cmd("HINCRBY")
+        record = self.hashes.setdefault(key, {})
+        record[field] = str(int(record.get(field, 0)) + amount)
+        return int(record[field])
+
+    def set(self, key: str, value: Any, px: int | None = None, **_: Any) -> bool:
+        self._cmd("SET")
+        self.strings[key] = str(value)
+        if px is not None:
+            self.ttls[key] = px
+        return True
+
+    def smembers(self, key: str) -> set[str]:
+        self._cmd("SMEMBERS")
+        return set(self.sets.get(key, set()))
+
+    def info(self, section: str | None = None) -> dict[str, Any]:
+        self._cmd("INFO")
+        return {"run_id": self.run_id}
+
     def expire(self, key: str, seconds: int) -> bool:
         self._cmd("EXPIRE")
         self.ttls[key] = int(seconds)
@@ -110,7 +134,7 @@ class FakeRedis:
 
     def exists(self, key: str) -> int:
         self._cmd("EXISTS")
-        return int(key in self.hashes)
+        return int(key in self.hashes or key in self.strings)
 
     def lpush(self, key: str, *values: Any) -> int:
         self._cmd("LPUSH")

@@ -28,10 +28,11 @@ def ti_key():
     return make
 
 
-def _track(executor, key, task_id: str, hostname: str | None = None) -> Any:
+def _track(executor, key, task_id: str, hostname: str | None = None, started: bool = False) -> Any:
     from airflow_asyncq_provider.executors.asyncq_executor import Tracked
 
     tracked = Tracked(task_id, "q", 1.0, hostname=hostname)
+    tracked.started = started
     executor.running.add(key)
     executor._track(key, tracked)
     return tracked
@@ -124,14 +125,12 @@ def test_duplicate_does_not_move_the_task_to_the_dropping_worker(executor, ti_ke
     assert tracked.hostname == "w1"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _apply has no branch for REVOKED (a terminal kind); a tracked task whose worker reports "
-    "it revoked (e.g. revoked by another scheduler, or adopted with state=revoked) stays in "
-    "`running` and `_tracked` forever"))
-def test_revoked_event_releases_the_slot(executor, ti_key):
+def test_revoked_event_fails_with_its_reason_and_releases_the_slot(executor, ti_key, states):
+    # revoke_task untracks first, so a REVOKED event for a tracked key means someone else revoked it
     key = ti_key()
     _track(executor, key, "id-1")
     executor._apply("id-1", events.REVOKED, {"hostname": "w1", "reason": "revoked before start"})
+    assert executor.event_buffer[key] == (states.FAILED, "revoked before start")
     assert key not in executor.running
     assert key not in executor._tracked
 
@@ -198,12 +197,23 @@ def test_sync_before_start_is_a_no_op():
     AsyncQExecutor().sync()
 
 
-def test_sync_with_idle_tasks_costs_one_xread(executor, fake_redis, ti_key):
-    for i in range(500):
-        _track(executor, ti_key(f"t{i}"), f"id-{i}")
-    for tracked in executor._tracked.values():
-        tracked.published_at = 9e18  # fresh: nothing is overdue for the unconsumed-queue warning
-    executor.sync()
+def test_sync_cost_does_not_grow_with_idle_tasks(executor, fake_redis, ti_key):
+    def first_sync_round_trips(count: int) -> int:
+        executor._tracked.clear()
+        executor._keys_by_id.clear()
+        executor._next_liveness = executor._next_queue_check = 0.0  # periodic checks are due
+        for i in range(count):
+            _track(executor, ti_key(f"t{i}"), f"id-{i}")
+        fake_redis.commands.clear()
+        fake_redis.pipelines_executed = 0
+        executor.sync()
+        return len(fake_redis.commands) + fake_redis.pipelines_executed
+
+    assert first_sync_round_trips(500) == first_sync_round_trips(5)
+
+    fake_redis.commands.clear()
+    fake_redis.pipelines_executed = 0
+    executor.sync()  # the periodic checks are not due again yet
     assert fake_redis.commands == ["XREAD"]
     assert fake_redis.pipelines_executed == 0
 
@@ -211,9 +221,10 @@ def test_sync_with_idle_tasks_costs_one_xread(executor, fake_redis, ti_key):
 # -------------------------------------------------------------------------------------- liveness
 def test_lost_worker_fails_its_tasks_with_a_reason(executor, fake_redis, ti_key, states):
     live, lost = ti_key("live"), ti_key("lost")
-    _track(executor, live, "id-live", hostname="w-live")
-    _track(executor, lost, "id-lost", hostname="w-gone")
+    _track(executor, live, "id-live", hostname="w-live", started=True)
+    _track(executor, lost, "id-lost", hostname="w-gone", started=True)
     fake_redis.hashes["unit:worker:w-live"] = {"hostname": "w-live"}
+    fake_redis.strings["unit:lease:id-live"] = "w-live"
     executor._check_worker_liveness()
     state, reason = executor.event_buffer[lost]
     assert state == states.FAILED
@@ -223,7 +234,7 @@ def test_lost_worker_fails_its_tasks_with_a_reason(executor, fake_redis, ti_key,
 
 def test_lost_worker_task_that_finished_is_reported_from_its_record(executor, fake_redis, ti_key, states):
     key = ti_key()
-    _track(executor, key, "id-1", hostname="w-gone")
+    _track(executor, key, "id-1", hostname="w-gone", started=True)
     fake_redis.hashes["unit:task:id-1"] = {"state": "success", "hostname": "w-gone"}
     executor._check_worker_liveness()
     assert executor.event_buffer[key] == (states.SUCCESS, "id-1")
@@ -242,12 +253,26 @@ def test_process_workloads_tracks_and_reports_queued(executor, make_workload, st
     a, b = published
     assert (a.task_id, a.queue, a.priority) == (workloads[0].ti.external_executor_id, "high", 0)
     assert (b.task_id, b.queue, b.priority) == (str(workloads[1].ti.id), "fallback_q", 9)
-    assert a.payload == workloads[0].model_dump_json()
+    assert a.workload is workloads[0]
     assert executor.queued_tasks == {}
     for item, w in zip(published, workloads):
         assert w.ti.key in executor.running
         assert executor.event_buffer[w.ti.key] == (states.QUEUED, item.task_id)
         assert executor._keys_by_id[item.task_id] == w.ti.key
+
+
+def test_bad_executor_config_fails_only_that_task(executor, make_workload, states):
+    good = make_workload(task_id="good")
+    bad = make_workload(task_id="bad", executor_config={"asyncq": {"memory_request": "lots"}})
+    for w in (good, bad):
+        executor.queued_tasks[w.ti.key] = w
+    published: list[Any] = []
+    executor._publish = published.extend  # type: ignore[method-assign]
+    executor._process_workloads([good, bad])
+    assert [item.key for item in published] == [good.ti.key]
+    state, reason = executor.event_buffer[bad.ti.key]
+    assert state == states.FAILED and "memory_request" in reason and "'lots'" in reason
+    assert executor.queued_tasks == {}
 
 
 def test_process_workloads_of_nothing_publishes_nothing(executor):
@@ -295,11 +320,9 @@ def test_publish_failure_is_retried_then_fails_the_task(executor, make_workload,
     assert info == "could not publish to the broker after 3 attempts: broker said no"
 
 
-def test_publish_failed_directly(executor, ti_key, states):
-    from airflow_asyncq_provider.executors.asyncq_executor import Outgoing
-
-    key = ti_key()
-    item = Outgoing(key, "id-1", "q", 9, "{}", "{}")
+def test_publish_failed_directly(executor, make_workload, states):
+    item = executor._outgoing(make_workload())
+    key = item.key
     executor._publish_failed(item, PublishError("e"))
     executor._publish_failed(item, PublishError("e"))
     assert executor.event_buffer == {}
@@ -356,7 +379,8 @@ def test_publish_writes_the_record_before_sending(executor, fake_redis, make_wor
     assert fake_redis.ttls[f"unit:task:{item.task_id}"] == executor.settings.state_ttl
     (call,) = executor._app.send_task.call_args_list
     assert call.kwargs["task_id"] == item.task_id and call.kwargs["priority"] == 1
-    assert call.kwargs["args"] == (workload.model_dump_json(),)
+    assert call.kwargs["args"][0] == workload.model_dump_json()
+    assert "tok" not in call.kwargs.get("argsrepr", "")  # the token never reaches Celery's logs
 
 
 # -------------------------------------------------------------------------------------- revoke

@@ -97,9 +97,15 @@ class FakeForks:
         return FakeChild(self.status)
 
 
-def _runner(fake_redis, forks) -> WorkloadRunner:
-    settings = AsyncQSettings(broker_url="redis://fake/0", key_prefix="rt")
-    return WorkloadRunner(settings, "w1@host", forks, fake_redis)  # type: ignore[arg-type]
+GIB = 1024**3
+
+
+def _runner(fake_redis, forks, budget: int = 8 * GIB, **settings: Any) -> WorkloadRunner:
+    from airflow_asyncq_provider.memory.admission import Admission
+
+    config = AsyncQSettings(broker_url="redis://fake/0", key_prefix="rt", **settings)
+    admission = Admission(budget, config.default_memory_request)
+    return WorkloadRunner(config, "w1@host", forks, fake_redis, admission)  # type: ignore[arg-type]
 
 
 def _events(fake_redis, task_id: str = "T") -> list[dict[str, str]]:
@@ -119,6 +125,8 @@ def test_run_success(fake_redis):
     assert record["claimed_by"] == "w1@host" and record["state"] == events.SUCCESS
     assert runner.running == {}
     assert runner.last_claim_at > 0
+    assert runner.admission.used == 0  # the slot's memory is handed back
+    assert fake_redis.strings["rt:lease:T"] == "w1@host"  # a lease while it ran
 
 
 @pytest.mark.parametrize(("status", "kind", "reason"), [
@@ -204,3 +212,67 @@ def test_run_fork_failure_is_failed_with_reason(fake_redis):
     last = _events(fake_redis)[-1]
     assert last["reason"] == "worker could not fork the workload: no pid"
     assert "rt:dlq" not in fake_redis.lists  # a fork failure is ours, not the message's
+
+
+def _jwt(exp: float) -> str:
+    import base64
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS512'})}.{part({'exp': exp, 'sub': 'x'})}.signature"
+
+
+def test_token_expiry_reads_the_exp_claim():
+    from airflow_asyncq_provider.worker.runner import token_expiry
+
+    assert token_expiry(_jwt(1234.5)) == 1234.5
+    for token in ("tok", "", "a.b.c", "a.e30.c"):  # no JWT, bad base64, no exp
+        assert token_expiry(token) is None
+
+
+def test_expired_token_is_handed_back_unclaimed(fake_redis):
+    import time
+
+    forks = FakeForks()
+    runner = _runner(fake_redis, forks)
+    outcome = runner.run("T", _payload(token=_jwt(time.time() - 10)))
+    assert outcome == events.TOKEN_EXPIRED
+    assert [e["kind"] for e in _events(fake_redis)] == [events.TOKEN_EXPIRED]
+    assert "claimed_by" not in fake_redis.hashes.get("rt:task:T", {})  # a fresh copy can still run
+    assert forks.spawned == []
+
+
+def test_too_many_deliveries_without_a_start_fail_visibly(fake_redis):
+    fake_redis.hashes["rt:task:T"] = {"deliveries": "3"}
+    forks = FakeForks()
+    assert _runner(fake_redis, forks, max_deliveries=3).run("T", _payload()) == events.FAILED
+    (event,) = _events(fake_redis)
+    assert event["kind"] == events.FAILED
+    assert event["reason"] == "delivered 4 times without starting ([asyncq] max_deliveries)"
+    assert json.loads(fake_redis.lists["rt:dlq"][0])["error"] == event["reason"]
+    assert forks.spawned == []
+
+
+def test_no_memory_for_the_request_hands_the_message_back(fake_redis, monkeypatch):
+    import airflow_asyncq_provider.worker.runner as runner_module
+
+    monkeypatch.setattr(runner_module.time, "sleep", lambda _s: None)
+    forks = FakeForks()
+    runner = _runner(fake_redis, forks, budget=1 * GIB)
+    requeued: list[tuple[Any, ...]] = []
+    runner.requeue = lambda *args: requeued.append(args)
+    meta = {"memory_request": 2 * GIB, "memory_limit": None}
+    assert runner.run("T", _payload(), meta, queue="q", priority=3) == "deferred"
+    assert requeued == [("T", _payload(), meta, "q", 3)]
+    assert fake_redis.hashes["rt:task:T"]["deliveries"] == "0"  # a hand-back is not a delivery
+    assert forks.spawned == [] and fake_redis.stream == []
+
+
+@pytest.mark.parametrize("meta", ["x", [1], {"memory_request": 0}, {"memory_request": "1G"},
+                                  {"memory_request": 10, "memory_limit": -1}])
+def test_bad_metadata_goes_to_dead_letters(fake_redis, meta):
+    assert _runner(fake_redis, FakeForks()).run("T", _payload(), meta) == "rejected"
+    entry = json.loads(fake_redis.lists["rt:dlq"][0])
+    assert entry["error"].startswith("message metadata")
+    assert entry["meta"] == meta

@@ -8,10 +8,9 @@ from airflow_asyncq_provider.errors import AsyncQError, ConfigError
 from airflow_asyncq_provider.get_provider_info import CONFIG_OPTIONS
 from airflow_asyncq_provider.settings import AsyncQSettings, load_settings, validate_queue_name
 
-INT_OPTIONS = ["worker_concurrency", "publish_max_retries", "event_batch_size", "event_stream_maxlen",
-               "state_ttl", "visibility_timeout"]
-FLOAT_OPTIONS = ["publish_timeout", "worker_heartbeat_interval", "worker_lost_timeout",
-                 "unconsumed_queue_warning"]
+INT_OPTIONS = sorted(k for k, o in CONFIG_OPTIONS.items() if o["type"] == "integer")
+FLOAT_OPTIONS = sorted(k for k, o in CONFIG_OPTIONS.items() if o["type"] == "float")
+GIB = 1024**3
 
 
 def test_defaults_come_from_the_declared_options(stub_conf):
@@ -189,3 +188,39 @@ def test_validate_queue_name_refuses(name):
                                                 ("q.1-x:y", "q.1-x:y")])
 def test_validate_queue_name_accepts(name, expected):
     assert validate_queue_name(name, "x") == expected
+
+
+def test_the_typed_options_are_the_expected_ones():
+    assert {"worker_concurrency", "publish_max_retries", "event_batch_size", "event_stream_maxlen",
+            "state_ttl", "visibility_timeout"} <= set(INT_OPTIONS)
+    assert {"publish_timeout", "worker_heartbeat_interval", "worker_lost_timeout",
+            "unconsumed_queue_warning"} <= set(FLOAT_OPTIONS)
+
+
+@pytest.mark.parametrize(("raw", "size"), [("512MiB", 512 * 1024**2), ("2G", 2 * 1000**3),
+                                           (" 1.5GiB ", int(1.5 * GIB)), ("1048576", 1024**2)])
+def test_memory_sizes(stub_conf, raw, size):
+    settings = load_settings(stub_conf(default_memory_request=raw, worker_memory_budget=raw))
+    assert settings.default_memory_request == size and settings.worker_memory_budget == size
+
+
+def test_empty_optional_sizes_mean_none(stub_conf):
+    settings = load_settings(stub_conf(default_memory_limit="", worker_memory_budget=" "))
+    assert settings.default_memory_limit is None and settings.worker_memory_budget is None
+
+
+@pytest.mark.parametrize("key", ["default_memory_request", "default_memory_limit", "worker_memory_budget"])
+@pytest.mark.parametrize("raw", ["lots", "12 parsecs", "-1G", "0"])
+def test_bad_memory_size_names_the_option(stub_conf, key, raw):
+    with pytest.raises(ConfigError, match=rf"\[asyncq\] {key}"):
+        load_settings(stub_conf(**{key: raw}))
+
+
+def test_memory_limit_below_request(stub_conf):
+    with pytest.raises(ConfigError, match=r"\[asyncq\] default_memory_limit is below default_memory_request"):
+        load_settings(stub_conf(default_memory_request="2GiB", default_memory_limit="1GiB"))
+
+
+def test_memory_fraction_above_one(stub_conf):
+    with pytest.raises(ConfigError, match=r"\[asyncq\] worker_memory_fraction must be at most 1"):
+        load_settings(stub_conf(worker_memory_fraction="1.5"))
