@@ -27,14 +27,10 @@ def _opt(description: str, type_: str, default: str | None, example: str | None 
 CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
     "broker_url": _opt(
         "Redis URL of the broker and of the fleet's state (event stream, task records, worker "
-        "registry). Schemes: redis://, rediss:// (TLS), redis+socket://. Put an ACL user and password "
+        "registry). Schemes: redis:// and rediss:// (TLS). Put an ACL user and password "
         "in the URL (redis://user:password@host:6379/0). It is shown masked in every log and CLI output.",
         "string", "redis://127.0.0.1:6379/0", "rediss://airflow:secret@redis.internal:6380/0",
         sensitive=True,
-    ),
-    "default_queue": _opt(
-        "Queue a worker consumes when started without -q, and the queue callbacks are sent to.",
-        "string", "default", "default",
     ),
     "worker_concurrency": _opt(
         "How many Airflow workloads one worker runs at the same time (fork slots). Idle slots cost no "
@@ -87,7 +83,9 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "integer", "3600", "3600",
     ),
     "key_prefix": _opt(
-        "Prefix of every Redis key the fleet writes, so several Airflow deployments can share one Redis.",
+        "Prefix of the Redis keys of the fleet's own state (event stream, task records, leases, worker "
+        "registry, dead letters). Celery's queue lists are not prefixed, so give each Airflow deployment "
+        "its own Redis database number (redis://host:6379/<db>), not just its own prefix.",
         "string", "asyncq", "asyncq-prod",
     ),
     "ssl_ca_certs": _opt("CA bundle that verifies the Redis server, for rediss:// URLs.",

@@ -109,7 +109,9 @@ def load_settings(conf: ConfigSource | None = None) -> AsyncQSettings:
         raise ConfigError(f"[{SECTION}] key_prefix must be a non-empty word, got {key_prefix!r}")
     settings = AsyncQSettings(
         broker_url=validate_broker_url(raw("broker_url").strip(), f"[{SECTION}] broker_url"),
-        default_queue=validate_queue_name(raw("default_queue"), f"[{SECTION}] default_queue"),
+        # One source of truth with Airflow: tasks without queue= go to [operators] default_queue.
+        default_queue=validate_queue_name(str(conf.get("operators", "default_queue", fallback="default")),
+                                          "[operators] default_queue"),
         worker_concurrency=_number("worker_concurrency", raw("worker_concurrency"), int, 0),
         publish_timeout=_number("publish_timeout", raw("publish_timeout"), float, 0),
         publish_max_retries=_number("publish_max_retries", raw("publish_max_retries"), int, 0, True),

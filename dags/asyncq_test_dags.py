@@ -146,3 +146,54 @@ def asyncq_test_deadline():
 
 
 asyncq_test_deadline()
+
+
+@dag(dag_id="asyncq_test_memory", schedule=None, start_date=START, catchup=False,
+     params={"mib": 400, "limit": "200MiB", "request": "64MiB"})
+def asyncq_test_memory():
+    """One task allocates past its limit; the next one must still run on the same worker."""
+
+    @task(queue="high_mem", retries=0, executor_config={"asyncq": {"memory_request": "64MiB",
+                                                                    "memory_limit": "200MiB"}})
+    def hog() -> None:
+        _record("run")
+        mib = int(get_current_context()["params"]["mib"])
+        blocks = []
+        for _ in range(mib // 10):
+            blocks.append(bytearray(10 * 1024 * 1024))
+            time.sleep(0.05)
+        time.sleep(5)
+
+    @task(queue="high_mem", trigger_rule="all_done")
+    def after() -> str:
+        _record("run")
+        return os.environ.get("ASYNCQ_WORKER_NAME", "")
+
+    hog() >> after()
+
+
+@dag(dag_id="asyncq_test_budget", schedule=None, start_date=START, catchup=False)
+def asyncq_test_budget():
+    """Two tasks whose requests together exceed w-highmem's budget must not overlap on it."""
+
+    @task(queue="high_mem", executor_config={"asyncq": {"memory_request": "600MiB"}})
+    def big(i: int) -> None:
+        _record("start")
+        time.sleep(4)
+        _record("end")
+
+    big.expand(i=[1, 2])
+
+
+@dag(dag_id="asyncq_test_too_big", schedule=None, start_date=START, catchup=False)
+def asyncq_test_too_big():
+    @task(queue="high_mem", executor_config={"asyncq": {"memory_request": "500GiB"}})
+    def enormous() -> None:
+        _record("run")
+
+    enormous()
+
+
+asyncq_test_memory()
+asyncq_test_budget()
+asyncq_test_too_big()

@@ -83,7 +83,6 @@ class Stack:
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs / "tasks"),
-            "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR": "True",
             "AIRFLOW__ASYNCQ__BROKER_URL": broker_url,
             "AIRFLOW__ASYNCQ__KEY_PREFIX": key_prefix,
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
@@ -119,8 +118,10 @@ class Stack:
         self.spawn("triggerer", "triggerer")
 
     def start_worker(self, name: str, queues: str = "default", concurrency: int = 4,
-                     serve_logs: bool = True) -> subprocess.Popen[bytes]:
+                     serve_logs: bool = True, memory_budget: str | None = None) -> subprocess.Popen[bytes]:
         args = ["asyncq", "worker", "-q", queues, "-c", str(concurrency), "--hostname", f"{name}@%h"]
+        if memory_budget:
+            args += ["--memory-budget", memory_budget]
         if not serve_logs:
             args.append("--skip-serve-logs")
         return self.spawn(name, *args, env={"ASYNCQ_WORKER_NAME": name})

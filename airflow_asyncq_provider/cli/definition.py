@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand, lazy_load_command
 
-ARG_QUEUES = Arg(("-q", "--queues"), help="Comma-separated queues to consume (default: [asyncq] default_queue)")
+ARG_QUEUES = Arg(("-q", "--queues"), help="Comma-separated queues to consume (default: [operators] default_queue)")
 ARG_CONCURRENCY = Arg(("-c", "--concurrency"), help="Airflow workload slots (default: [asyncq] worker_concurrency)")
 ARG_HOSTNAME = Arg(("-H", "--hostname"), help="Celery node name (default: asyncq@%%h)")
 ARG_SKIP_SERVE_LOGS = Arg(("-s", "--skip-serve-logs"), action="store_true",

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from airflow_asyncq_provider.errors import ConfigError
 
-SUPPORTED_SCHEMES = ("redis", "rediss", "redis+socket")
+SUPPORTED_SCHEMES = ("redis", "rediss")
 
 _USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/]*)@")
 
@@ -32,12 +32,11 @@ def validate_broker_url(url: str, source: str) -> str:
             f"{source} is {mask_url(url)!r}: scheme {scheme or '(none)'!r} is not supported; "
             f"use one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
         )
-    if scheme != "redis+socket":
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"{source} is {mask_url(url)!r}: {exc}") from None
-        if not parts.hostname:
-            raise ConfigError(f"{source} is {mask_url(url)!r}: it names no host")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{source} is {mask_url(url)!r}: {exc}") from None
+    if not parts.hostname:
+        raise ConfigError(f"{source} is {mask_url(url)!r}: it names no host")
     return url

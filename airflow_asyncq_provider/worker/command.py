@@ -167,15 +167,14 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
         with _serve_logs(serve_logs):  # forks: start it before any thread of ours exists
             beat.start()
             watchdog.start()
-            try:
-                app.worker_main([
-                    "worker", "--pool", "threads", "--concurrency", str(concurrency),
-                    "--queues", ",".join(queues), "--hostname", hostname, "--loglevel", loglevel,
-                    "--task-events", "--without-mingle", "--without-gossip",
-                ])
-            except SystemExit as exc:
-                if exc.code not in (0, None):
-                    return int(exc.code) if isinstance(exc.code, int) else 1
+            # app.start, not worker_main: worker_main drops Celery's own exit code.
+            celery_code = app.start([
+                "worker", "--pool", "threads", "--concurrency", str(concurrency),
+                "--queues", ",".join(queues), "--hostname", hostname, "--loglevel", loglevel,
+                "--task-events", "--without-mingle", "--without-gossip",
+            ])
+            if celery_code not in (0, None):
+                return int(celery_code)
     finally:
         stop.set()
         watchdog.stop()

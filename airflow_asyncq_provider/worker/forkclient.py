@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,11 +116,11 @@ class ForkClient:
     def stop(self, timeout: float = 10.0) -> None:
         """Closing the server's stdin is its stop signal; it kills any workload still running."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc is not None and proc.poll() is None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -37,6 +37,7 @@ EXIT_DUPLICATE = 200  # the Execution API said the task already runs elsewhere (
 EXIT_CRASHED = 201  # the supervisor raised; the result pipe carries the error
 
 BASE_PRELOAD = (
+    "psutil",
     "airflow.executors.base_executor",
     "airflow.executors.workloads",
     "airflow.sdk",
@@ -213,11 +214,19 @@ class ForkServer:
         self._shutdown(listener)
 
     def _kill_children(self, sig: int) -> None:
+        """Each child's whole tree: the supervisor starts the task process in a group of its own."""
+        import psutil
+
         for pid in list(self.children):
             try:
-                os.killpg(pid, sig)
-            except OSError:
-                pass
+                procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for proc in procs:
+                try:
+                    proc.send_signal(sig)
+                except psutil.Error:
+                    pass
 
     def _shutdown(self, listener: socket.socket) -> None:
         listener.close()

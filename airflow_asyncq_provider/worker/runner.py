@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 
 from airflow_asyncq_provider.errors import MalformedMessage
@@ -269,7 +270,13 @@ class WorkloadRunner:
 
     # ------------------------------------------------------------------ stopping workloads
     def stop(self, task_id: str, reason: str, kill_now: bool = False) -> None:
-        """Terminate one workload's process group, then SIGKILL it after the grace period."""
+        """Stop one workload's task process(es) and let its supervisor report and flush the log.
+
+        The supervisor is left alive on purpose: it sees its task die, marks the try failed or
+        up_for_retry through the Execution API and flushes the log. The task gets SIGTERM first
+        (``kill_now``: SIGKILL at once, as for a memory overrun), SIGKILL after the grace period, and
+        the whole group gets SIGKILL after twice the grace period if the supervisor hangs.
+        """
         with self._lock:
             entry = self.running.get(task_id)
         if entry is None or (entry.stop_reason and not kill_now):
@@ -277,19 +284,18 @@ class WorkloadRunner:
         entry.stop_reason = entry.stop_reason or reason
         log.warning("Stopping workload %s (pid %s): %s", task_id, entry.pid, reason)
         self._append_task_log(entry.log_path, f"asyncq: {reason}", "error")
-        if kill_now:
-            _kill_group(entry.pid, signal.SIGKILL)
-            return
-        _kill_group(entry.pid, signal.SIGTERM)
-        timer = threading.Timer(self.settings.kill_grace_period, self._kill_if_same, (task_id, entry))
-        timer.daemon = True
-        timer.start()
+        _signal_task_processes(entry.pid, signal.SIGKILL if kill_now else signal.SIGTERM)
+        grace = self.settings.kill_grace_period
+        for delay, action in ((grace, _signal_task_processes), (2 * grace, _kill_group)):
+            timer = threading.Timer(delay, self._if_still_running, (task_id, entry, action))
+            timer.daemon = True
+            timer.start()
 
-    def _kill_if_same(self, task_id: str, entry: Running) -> None:
+    def _if_still_running(self, task_id: str, entry: Running, action: Callable[[int, int], None]) -> None:
         with self._lock:
             current = self.running.get(task_id)
         if current is entry:
-            _kill_group(entry.pid, signal.SIGKILL)
+            action(entry.pid, signal.SIGKILL)
 
     def stop_all(self, reason: str, kill_now: bool = False) -> None:
         with self._lock:
@@ -298,7 +304,8 @@ class WorkloadRunner:
             self.stop(task_id, reason, kill_now=kill_now)
 
     def over_limit(self, task_id: str, used: int, limit: int) -> None:
-        self.stop(task_id, f"memory limit exceeded: used {used / MIB:.0f} MiB > limit {limit / MIB:.0f} MiB")
+        self.stop(task_id, f"memory limit exceeded: used {used / MIB:.0f} MiB > limit {limit / MIB:.0f} MiB",
+                  kill_now=True)
 
     def watch_list(self) -> list[tuple[str, int, int | None]]:
         with self._lock:
@@ -342,7 +349,22 @@ class WorkloadRunner:
                 self.stop(task_id, "revoked by the scheduler while running")
 
 
+def _signal_task_processes(supervisor_pid: int, sig: int) -> None:
+    """Signal every descendant of the supervisor (the task process and anything it started)."""
+    try:
+        children = psutil.Process(supervisor_pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
 def _kill_group(pid: int, sig: int) -> None:
+    """The supervisor's group and every descendant (the task process runs in a group of its own)."""
+    _signal_task_processes(pid, sig)
     try:
         os.killpg(pid, sig)
     except OSError:

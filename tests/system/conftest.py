@@ -48,9 +48,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, side_effects: Path) -> Itera
     _psql(f"DROP DATABASE IF EXISTS {db}")
     _psql(f"CREATE DATABASE {db}")
     home = tmp_path_factory.mktemp("airflow_home")
+    dags = home / "dags"  # a copy, so tests can drop broken DAG files into it
+    shutil.copytree(Path(__file__).resolve().parents[2] / "dags", dags,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     prefix = f"sys-{uuid.uuid4().hex[:8]}"
     s = Stack(home, sql_conn=PG.format(db=db), broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
-              key_prefix=prefix, extra_env={
+              key_prefix=prefix, dags_folder=dags, extra_env={
                   "ASYNCQ_SIDE_EFFECTS": str(side_effects),
                   "AIRFLOW__ASYNCQ__UNCONSUMED_QUEUE_WARNING": "4",
                   "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
@@ -61,7 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, side_effects: Path) -> Itera
     s.migrate()
     s.start_core()
     s.start_worker("w-default", queues="default", concurrency=4)
-    s.start_worker("w-highmem", queues="high_mem", concurrency=2, serve_logs=False)
+    s.start_worker("w-highmem", queues="high_mem", concurrency=2, serve_logs=False, memory_budget="1GiB")
     s.start_worker("w-prio", queues="prio", concurrency=1, serve_logs=False)
     try:
         s.wait_api()
