@@ -15,6 +15,13 @@ ARG_MEMORY_BUDGET = Arg(("-m", "--memory-budget"),
 ARG_VERBOSE = Arg(("-v", "--verbose"), action="store_true", help="Log at DEBUG level")
 ARG_JSON = Arg(("--json",), action="store_true", help="Print JSON instead of a table")
 
+ARG_DLQ_ACTION = Arg(("action",), choices=("list", "show", "replay", "purge"),
+                     help="list: table of dead letters; show N: one, token masked; replay N: publish it "
+                          "again and remove it; purge --yes: delete all")
+ARG_DLQ_INDEX = Arg(("index",), nargs="?", type=int, default=0, help="dead letter number from `list`")
+ARG_DLQ_QUEUE = Arg(("--queue",), help="replay to this queue instead of the recorded one")
+ARG_YES = Arg(("-y", "--yes"), action="store_true", help="confirm purge")
+
 ASYNCQ_COMMANDS = (
     ActionCommand(
         name="worker",
@@ -27,6 +34,12 @@ ASYNCQ_COMMANDS = (
         help="Show the fleet: each live worker, its queues, slots and running tasks",
         func=lazy_load_command("airflow_asyncq_provider.cli.status.status"),
         args=(ARG_JSON,),
+    ),
+    ActionCommand(
+        name="dlq",
+        help="Inspect, replay or purge the dead-letter list",
+        func=lazy_load_command("airflow_asyncq_provider.cli.dlq.dlq"),
+        args=(ARG_DLQ_ACTION, ARG_DLQ_INDEX, ARG_DLQ_QUEUE, ARG_YES, ARG_JSON),
     ),
 )
 
