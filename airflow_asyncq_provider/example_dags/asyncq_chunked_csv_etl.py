@@ -64,7 +64,7 @@ def generate_sales_csv(path: str, size_bytes: int, *, seed: int = 7, bad_rows: i
     with open(path, "wb") as out:
         out.write(",".join(COLUMNS).encode() + b"\n")
         while out.tell() < size_bytes or bad < bad_rows:
-            n = BLOCK_ROWS if out.tell() < size_bytes else 1
+            n = max(1, min(BLOCK_ROWS, (size_bytes - out.tell()) // 30 + 1))
             region = rng.integers(0, len(REGIONS), n)
             qty = rng.integers(1, 21, n)
             amount = rng.integers(100, 100_000, n)

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, TaskGroup
 
-from airflow_asyncq_provider.memory.sizes import format_size, parse_size
+from airflow_asyncq_provider.memory.sizes import parse_size
 from airflow_asyncq_provider.operators import chunking, reading, results, storage
-from airflow_asyncq_provider.operators.chunking import Chunk, RecordLayout
+from airflow_asyncq_provider.operators.chunking import Chunk, RecordLayout, human_size
 from airflow_asyncq_provider.operators.errors import ChunkingError, ChunkPlanningError
 from airflow_asyncq_provider.operators.progress import Progress, current_rss, peak_rss
 
@@ -130,12 +130,12 @@ class _Tally:
         self.bad_rows = 0
         self.bad_examples: list[str] = []
 
-    def add(self, rows: int, bad_rows: int, examples: Sequence[str], where: str) -> None:
+    def add(self, rows: int, bad_rows: int, examples: Sequence[str], where: str = "") -> None:
         self.rows += rows
         self.bad_rows += bad_rows
         for example in examples:
             if len(self.bad_examples) < reading.MAX_EXAMPLES:
-                self.bad_examples.append(f"{where}: {example}")
+                self.bad_examples.append(f"{where}: {example}" if where else example)
 
     def as_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "bad_rows": self.bad_rows, "bad_examples": self.bad_examples}
@@ -217,14 +217,15 @@ class ChunkedFileOperator(BaseOperator):
         folded = 0
         with storage.open_input(self.path) as fh:
             columns = reader.columns(fh, chunking.header_end(fh, size, reader.layout, reader.header))
-            h_end, chunk_bytes, sample = chunking.size_chunks(
+            sizing = chunking.size_chunks(
                 path=self.path, fh=fh, size=size, layout=reader.layout, header=reader.header, budget=budget,
                 overhead=overhead, work_factor=self.work_factor, sample_bytes=self.sample_bytes,
                 parse=reader.sample_parser(columns))
+            h_end, chunk_bytes, sample = sizing.header_end, sizing.chunk_bytes, sizing.sample
             self.log.info("Streaming %s (%s) in chunks of about %s input: memory_budget %s, overhead %s, "
                           "expansion %.2fx, work factor %g, ~%.0f bytes/record", self.path,
-                          format_size(size), format_size(chunk_bytes), format_size(budget),
-                          format_size(overhead), sample.expansion, self.work_factor,
+                          human_size(size), human_size(chunk_bytes), human_size(budget),
+                          human_size(overhead), sample.expansion, self.work_factor,
                           sample.bytes_per_record)
             progress = Progress(self.log, total_bytes=size - h_end, interval=self.progress_interval)
             start, index = h_end, 0
@@ -233,7 +234,7 @@ class ChunkedFileOperator(BaseOperator):
                 chunk = Chunk(path=self.path, format=reader.layout.format, index=index, count=0,
                               start=start, end=end, header_end=h_end)
                 part = reader.read(fh, chunk, columns)
-                tally.add(part.rows, part.bad_rows, part.bad_examples, f"chunk {index + 1}")
+                tally.add(part.rows, part.bad_rows, part.bad_examples, chunk.label)
                 result = _apply(self.process, part.frame, chunk)
                 del part
                 if self.combine is None:
@@ -261,12 +262,14 @@ class ChunkedFileOperator(BaseOperator):
         return results.publish(acc, work_dir, "result", f"{self.task_id}: combine")
 
     def _adapt(self, chunk_bytes: int, budget: int, max_record: int) -> int:
-        rss = current_rss()
-        if rss <= budget or chunk_bytes <= 2 * max(max_record, 1):
+        if current_rss() <= budget or chunk_bytes <= 2 * max(max_record, 1):
             return chunk_bytes
-        gc.collect()
+        gc.collect()  # about 0.1 s with Airflow loaded: only when memory is already over
+        rss = current_rss()
+        if rss <= budget:
+            return chunk_bytes
         self.log.warning("Resident memory %s is over memory_budget %s after a chunk; halving the chunk size "
-                         "to %s", format_size(rss), format_size(budget), format_size(chunk_bytes // 2))
+                         "to %s", human_size(rss), human_size(budget), human_size(chunk_bytes // 2))
         return chunk_bytes // 2
 
     def _keep_partial(self, acc: Any, work_dir: str, chunk: Chunk, folded: int) -> None:
@@ -449,7 +452,7 @@ class ChunkProcessOperator(BaseOperator):
                 raise ChunkPlanningError(
                     f"{chunk.label} died of memory before but cannot be split: it is one record of "
                     f"{chunk.length} bytes. Raise memory_budget / memory_limit")
-            self.log.info("Processing %s%s", chunk.label,
+            self.log.info("Processing %s of %s%s", chunk.label, chunk.path,
                           f" as {len(parts)} pieces" if len(parts) > 1 else "")
             for part in parts:
                 if part.length == 0:
@@ -462,11 +465,12 @@ class ChunkProcessOperator(BaseOperator):
                 outputs.append(results.store(result, storage.join(work_dir, "parts", name),
                                              f"process on {part.label}"))
                 del result
-                gc.collect()
+                if len(parts) > 1:
+                    gc.collect()  # a split retry is short of memory: free the piece before the next
         if tally.bad_rows:
             self.log.warning("%s: skipped %d malformed row(s); first: %s", chunk.label, tally.bad_rows,
                              "; ".join(tally.bad_examples))
-        self.log.info("%s: %d rows, peak RSS %s", chunk.label, tally.rows, format_size(peak_rss()))
+        self.log.info("%s: %d rows, peak RSS %s", chunk.label, tally.rows, human_size(peak_rss()))
         return {"index": chunk.index, "count": chunk.count, "pieces": len(parts), "outputs": outputs,
                 **tally.as_dict()}
 
@@ -494,13 +498,12 @@ class ChunkCombineOperator(BaseOperator):
         self.work_name = work_name
 
     def execute(self, context: Context) -> Any:
-        records = sorted((dict(r) for r in self.results), key=lambda r: int(r["index"]))
+        records = sorted(_materialize(self.results), key=lambda r: int(r["index"]))
         self._check_complete(records)
         work_dir = work_dir_for(self.output_dir, context, self.work_name or self.task_id)
         tally = _Tally()
         for r in records:
-            tally.add(int(r.get("rows", 0)), int(r.get("bad_rows", 0)), r.get("bad_examples", []),
-                      f"chunk {int(r['index']) + 1}")
+            tally.add(int(r.get("rows", 0)), int(r.get("bad_rows", 0)), r.get("bad_examples", []))
         outputs = [o for r in records for o in r.get("outputs", [])]
         stats = {**tally.as_dict(), "chunks": len(records), "outputs": len(outputs),
                  "pieces": sum(int(r.get("pieces", 1)) for r in records)}
@@ -574,15 +577,15 @@ def chunked_fan_out(*, group_id: str, path: str, memory_budget: str | int, proce
     limit = (parse_size(memory_limit, f"chunked_fan_out(group_id={group_id!r}): memory_limit")
              if memory_limit is not None else int(budget * 1.5))
     if limit < budget:
-        raise ChunkPlanningError(f"chunked_fan_out(group_id={group_id!r}): memory_limit {format_size(limit)} "
-                                 f"is below memory_budget {format_size(budget)}")
+        raise ChunkPlanningError(f"chunked_fan_out(group_id={group_id!r}): memory_limit {human_size(limit)} "
+                                 f"is below memory_budget {human_size(budget)}")
     # fail at parse time, not in the first task
     reading.validate_read_options(read_options, file_format)
     reading.check_on_bad_rows(on_bad_rows)
     RecordLayout.for_input(file_format, read_options, boundary)
     common: dict[str, Any] = {"queue": queue} if queue else {}
     config = memory_executor_config(budget, limit)
-    with TaskGroup(group_id=group_id, tooltip=tooltip or f"chunked fan-out within {format_size(budget)}") as tg:
+    with TaskGroup(group_id=group_id, tooltip=tooltip or f"chunked fan-out within {human_size(budget)}") as tg:
         split = ChunkSplitOperator(
             task_id="split", path=path, memory_budget=budget, file_format=file_format, header=header, names=names,
             read_options=read_options, boundary=boundary, overhead=overhead, work_factor=work_factor,
@@ -596,6 +599,14 @@ def chunked_fan_out(*, group_id: str, path: str, memory_budget: str | int, proce
         fold = ChunkCombineOperator(task_id="combine", results=mapped.output, combine=combine,
                                     output_dir=output_dir, work_name=group_id, executor_config=config, **common)
     return ChunkedFanOut(group=tg, split=split, process=mapped, combine=fold)
+
+
+def _materialize(values: Any) -> list[dict[str, Any]]:
+    """The mapped step's results as a list. Indexing up to ``len`` instead of iterating, because
+    iterating a lazy XCom sequence probes one past the end and logs an "XCom not found" error."""
+    if isinstance(values, (list, tuple)):
+        return [dict(v) for v in values]
+    return [dict(values[i]) for i in range(len(values))]
 
 
 def _is_template(value: Any) -> bool:

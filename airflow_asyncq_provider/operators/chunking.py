@@ -60,6 +60,13 @@ DEFAULT_SAMPLE_BYTES = MIB
 MIN_OVERHEAD = 64 * MIB
 
 
+def human_size(size: int) -> str:
+    """``format_size`` for log lines, with KiB and bytes below 1 MiB (chunks of small files are small)."""
+    if size >= MIB:
+        return format_size(size)
+    return f"{size / 1024:.0f} KiB" if size >= 10 * 1024 else f"{size} bytes"
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordLayout:
     """How records are delimited: by newlines, optionally ignoring those inside ``quotechar`` quotes."""
@@ -115,7 +122,8 @@ class Chunk:
     @property
     def label(self) -> str:
         piece = f" piece {self.piece + 1}/{self.pieces}" if self.pieces > 1 else ""
-        return f"chunk {self.index + 1}/{self.count}{piece} (bytes {self.start}-{self.end} of {self.path})"
+        of = f"/{self.count}" if self.count else ""
+        return f"chunk {self.index + 1}{of}{piece} (bytes {self.start}-{self.end})"
 
     def to_descriptor(self) -> dict[str, Any]:
         descriptor = {"path": self.path, "format": self.format, "index": self.index, "count": self.count,
@@ -294,8 +302,8 @@ def take_sample(fh: IO[bytes], start: int, stop: int, sample_bytes: int, budget:
                 f"read_options={{'quoting': csv.QUOTE_NONE}}"
             )
         raise ChunkPlanningError(
-            f"no record ends within the first {format_size(len(data))} after byte {start}: one record is "
-            f"larger than the whole memory_budget ({format_size(budget)}); raise memory_budget above the "
+            f"no record ends within the first {human_size(len(data))} after byte {start}: one record is "
+            f"larger than the whole memory_budget ({human_size(budget)}); raise memory_budget above the "
             f"size of the largest record"
         )
     whole = bytes(data[:record_start])
@@ -314,9 +322,9 @@ def chunk_bytes_for(budget: int, overhead: int, expansion: float, work_factor: f
         if budget < MIB:
             hint = f" (memory_budget={budget} is in bytes; did you mean '{budget}MiB'?)"
         raise ChunkPlanningError(
-            f"memory_budget {format_size(budget)} leaves no room for data after the task's own "
-            f"{format_size(overhead)} (interpreter, Airflow, pandas){hint}; raise memory_budget to at "
-            f"least {format_size(overhead + 64 * MIB)}"
+            f"memory_budget {human_size(budget)} leaves no room for data after the task's own "
+            f"{human_size(overhead)} (interpreter, Airflow, pandas){hint}; raise memory_budget to at "
+            f"least {human_size(overhead + 64 * MIB)}"
         )
     return max(1, int(room / (max(expansion, 0.01) * work_factor)))
 
@@ -335,31 +343,41 @@ class ChunkPlan:
     chunks: tuple[Chunk, ...]
 
     def describe(self) -> str:
-        return (f"{self.path}: {format_size(self.size)} in {len(self.chunks)} chunk(s) of about "
-                f"{format_size(self.chunk_bytes)} input each (memory_budget {format_size(self.budget)}, "
-                f"overhead {format_size(self.overhead)}, expansion {self.sample.expansion:.2f}x in memory, "
+        return (f"{self.path}: {human_size(self.size)} in {len(self.chunks)} chunk(s) of about "
+                f"{human_size(self.chunk_bytes)} input each (memory_budget {human_size(self.budget)}, "
+                f"overhead {human_size(self.overhead)}, expansion {self.sample.expansion:.2f}x in memory, "
                 f"work factor {self.work_factor:g}, ~{self.sample.bytes_per_record:.0f} bytes/record)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+    """The part of a plan that reads only the head of the file."""
+
+    header_end: int
+    chunk_bytes: int  # target input bytes per chunk
+    max_chunk_bytes: int  # what the budget allows; chunk_bytes is smaller when min_chunks asks for more
+    sample: Sample
 
 
 def size_chunks(*, path: str, fh: IO[bytes], size: int, layout: RecordLayout, header: bool, budget: int,
                 overhead: int, work_factor: float, parse: SampleParser, min_chunks: int = 1,
-                sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> tuple[int, int, Sample]:
-    """(header_end, chunk_bytes, sample): the part of planning that reads only the head of the file."""
+                sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> Sizing:
     h_end = header_end(fh, size, layout, header)
     sample = take_sample(fh, h_end, size, sample_bytes, budget, layout, parse)
     check_sample(path, sample, layout)
-    chunk_bytes = chunk_bytes_for(budget, overhead, sample.expansion, work_factor)
-    if sample.max_record > chunk_bytes:
+    max_chunk_bytes = chunk_bytes_for(budget, overhead, sample.expansion, work_factor)
+    if sample.max_record > max_chunk_bytes:
         raise ChunkPlanningError(
             f"{path}: a record of {sample.max_record} bytes does not fit one chunk: memory_budget "
-            f"{format_size(budget)} allows {chunk_bytes} input bytes per chunk (overhead "
-            f"{format_size(overhead)}, expansion {sample.expansion:.2f}x, work factor {work_factor:g}); "
+            f"{human_size(budget)} allows {max_chunk_bytes} input bytes per chunk (overhead "
+            f"{human_size(overhead)}, expansion {sample.expansion:.2f}x, work factor {work_factor:g}); "
             f"raise memory_budget to at least "
-            f"{format_size(overhead + int(sample.max_record * max(sample.expansion, 1) * work_factor) + MIB)}"
+            f"{human_size(overhead + int(sample.max_record * max(sample.expansion, 1) * work_factor) + MIB)}"
         )
+    chunk_bytes = max_chunk_bytes
     if min_chunks > 1 and size > h_end:
         chunk_bytes = min(chunk_bytes, max(1, math.ceil((size - h_end) / min_chunks)))
-    return h_end, chunk_bytes, sample
+    return Sizing(header_end=h_end, chunk_bytes=chunk_bytes, max_chunk_bytes=max_chunk_bytes, sample=sample)
 
 
 def check_sample(path: str, sample: Sample, layout: RecordLayout) -> None:
@@ -382,26 +400,27 @@ def plan_chunks(path: str, fh: IO[bytes], size: int, *, layout: RecordLayout, he
                 min_chunks: int = 1, max_chunks: int = 1024,
                 sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> ChunkPlan:
     """The whole plan: size the chunks from a sample, then one scan for the boundaries."""
-    h_end, chunk_bytes, sample = size_chunks(
-        path=path, fh=fh, size=size, layout=layout, header=header, budget=budget, overhead=overhead,
-        work_factor=work_factor, parse=parse, min_chunks=min_chunks, sample_bytes=sample_bytes)
+    sizing = size_chunks(path=path, fh=fh, size=size, layout=layout, header=header, budget=budget,
+                         overhead=overhead, work_factor=work_factor, parse=parse, min_chunks=min_chunks,
+                         sample_bytes=sample_bytes)
+    h_end, chunk_bytes = sizing.header_end, sizing.chunk_bytes
     ranges: list[tuple[int, int]] = []
     for a, b in record_ranges(fh, h_end, size, chunk_bytes, layout):
-        if b - a > 2 * chunk_bytes:
-            # the record holding byte a + chunk_bytes - 1 runs past a + 2 * chunk_bytes
+        # the record holding byte a + chunk_bytes - 1 ends at b, so it is at least this long
+        if b - a - chunk_bytes + 1 > sizing.max_chunk_bytes:
             raise ChunkPlanningError(
-                f"{path}: the record ending at byte {b} is longer than {chunk_bytes} bytes, the most one "
-                f"chunk may hold under memory_budget {format_size(budget)}; raise memory_budget"
+                f"{path}: the record ending at byte {b} is longer than {sizing.max_chunk_bytes} bytes, the "
+                f"most one chunk may hold under memory_budget {human_size(budget)}; raise memory_budget"
             )
         ranges.append((a, b))
         if len(ranges) > max_chunks:
             raise ChunkPlanningError(
-                f"{path} ({format_size(size)}) needs more than max_chunks={max_chunks} chunks of "
-                f"{format_size(chunk_bytes)} under memory_budget {format_size(budget)}; raise "
+                f"{path} ({human_size(size)}) needs more than max_chunks={max_chunks} chunks of "
+                f"{human_size(chunk_bytes)} under memory_budget {human_size(budget)}; raise "
                 f"memory_budget, or raise max_chunks (and [core] max_map_length to match)"
             )
     chunks = tuple(Chunk(path=path, format=layout.format, index=i, count=len(ranges), start=a, end=b,
                          header_end=h_end) for i, (a, b) in enumerate(ranges))
     return ChunkPlan(path=path, format=layout.format, size=size, header_end=h_end, budget=budget,
-                     overhead=overhead, work_factor=work_factor, chunk_bytes=chunk_bytes, sample=sample,
+                     overhead=overhead, work_factor=work_factor, chunk_bytes=chunk_bytes, sample=sizing.sample,
                      chunks=chunks)

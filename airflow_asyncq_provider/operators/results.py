@@ -13,8 +13,8 @@ import socket
 import time
 from typing import Any
 
-from airflow_asyncq_provider.memory.sizes import format_size
 from airflow_asyncq_provider.operators import storage
+from airflow_asyncq_provider.operators.chunking import human_size
 from airflow_asyncq_provider.operators.errors import ChunkingError, ResultTooLargeError
 
 MAX_VALUE_BYTES = 64 * 1024
@@ -63,7 +63,7 @@ def check_small(value: Any, what: str) -> Any:
         ) from exc
     if size > MAX_VALUE_BYTES:
         raise ResultTooLargeError(
-            f"{what} returned {format_size(size)} of JSON, more than the {MAX_VALUE_BYTES // 1024} KiB that "
+            f"{what} returned {human_size(size)} of JSON, more than the {MAX_VALUE_BYTES // 1024} KiB that "
             f"may travel through XCom; return a pandas DataFrame instead, and it is written as Parquet"
         )
     return value

@@ -1,0 +1,35 @@
+"""Version-guarded adjustments to Airflow's task SDK, applied only inside forked workload children.
+
+Airflow 3.3's supervisor learns that its task process exited either from socket EOF or from a poll
+after ``selector.select(timeout)``. Once the task has closed all its sockets but has not quite exited
+(interpreter teardown), the selector has nothing registered and the supervisor sleeps for the whole
+heartbeat interval (5 s) before it polls again: every task then holds its slot ~5 s longer than it
+runs. We shorten only that wait - no sockets open, exit code still unknown - to 50 ms polls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+EXIT_POLL = 0.05
+
+
+def shorten_exit_detection() -> bool:
+    try:
+        from airflow.sdk.execution_time.supervisor import WatchedSubprocess
+    except ImportError:
+        return False
+    original = getattr(WatchedSubprocess, "_service_subprocess", None)
+    if original is None or getattr(original, "_asyncq_patched", False):
+        return False
+
+    def _service_subprocess(self, max_wait_time, raise_on_timeout=False, expect_signal=None):  # type: ignore[no-untyped-def]
+        if getattr(self, "_exit_code", 0) is None and not getattr(self, "_open_sockets", True):
+            max_wait_time = min(max_wait_time, EXIT_POLL)
+        return original(self, max_wait_time, raise_on_timeout=raise_on_timeout, expect_signal=expect_signal)
+
+    _service_subprocess._asyncq_patched = True  # type: ignore[attr-defined]
+    WatchedSubprocess._service_subprocess = _service_subprocess  # type: ignore[method-assign]
+    return True
