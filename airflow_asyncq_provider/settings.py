@@ -7,6 +7,7 @@ nothing reads config at import time.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 from airflow_asyncq_provider.errors import ConfigError
@@ -64,7 +65,7 @@ def _number(key: str, raw: str, kind: type, minimum: float, allow_equal: bool = 
             f"[{SECTION}] {key} must be {'an integer' if kind is int else 'a number'}, got {raw!r}; "
             f"{_fix_hint(key)}"
         ) from None
-    if value < minimum or (value == minimum and not allow_equal):
+    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_equal):
         bound = f">= {minimum}" if allow_equal else f"> {minimum}"
         raise ConfigError(f"[{SECTION}] {key} must be {bound}, got {raw!r}; {_fix_hint(key)}")
     return value

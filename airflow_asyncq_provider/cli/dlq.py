@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from airflow_asyncq_provider.cli.status import render_table
-from airflow_asyncq_provider.errors import AsyncQError
+from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
 
 _TOKEN = re.compile(r'("token"\s*:\s*")[^"]*(")')
 
@@ -27,9 +27,12 @@ def _context() -> tuple[Any, Any, Any]:
         settings = load_settings()
         client = make_redis(settings)
         ping_or_raise(client, settings, "airflow asyncq dlq")
-    except AsyncQError as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(3 if "broker_url" in str(exc) else 2) from None
+        raise SystemExit(2) from None
+    except BrokerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
     return settings, client, Keys(settings.key_prefix)
 
 

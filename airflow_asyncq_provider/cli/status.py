@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from airflow_asyncq_provider.errors import AsyncQError
+from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
 from airflow_asyncq_provider.state.urls import mask_url
 
 
@@ -51,9 +51,12 @@ def status(args: argparse.Namespace) -> None:
         settings = load_settings()
         client = make_redis(settings)
         ping_or_raise(client, settings, "airflow asyncq status")
-    except AsyncQError as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2 if "broker_url is" not in str(exc) else 3) from None
+        raise SystemExit(2) from None
+    except BrokerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
     rows = fleet_rows(registry.live_workers(client, Keys(settings.key_prefix)), time.time())
     if args.json:
         print(json.dumps({"broker": mask_url(settings.broker_url), "workers": rows}, indent=2))

@@ -20,7 +20,7 @@ from airflow.utils.state import TaskInstanceState
 from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError, PublishError
 from airflow_asyncq_provider.state import events
 from airflow_asyncq_provider.state.keys import Keys
-from airflow_asyncq_provider.state.urls import mask_url
+from airflow_asyncq_provider.state.urls import mask_secrets, mask_url
 
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
@@ -109,7 +109,9 @@ class AsyncQExecutor(BaseExecutor):
 
     def _get_producer(self) -> Any:
         if self._producer is None:
-            connection = self._app.connection_for_write()
+            # max_retries=0: a dead broker fails this publish at once instead of sleeping in kombu's
+            # reconnect back-off inside the scheduler loop; the next heartbeat tries again.
+            connection = self._app.connection_for_write(transport_options={"max_retries": 0})
             self._producer = self._app.amqp.Producer(connection, auto_declare=True)
         return self._producer
 
@@ -257,7 +259,7 @@ class AsyncQExecutor(BaseExecutor):
         except Exception as exc:
             raise PublishError(
                 f"publishing {len(outgoing)} workload(s) to {mask_url(self.settings.broker_url)} failed: "
-                f"{type(exc).__name__}: {mask_url(str(exc))}"
+                f"{type(exc).__name__}: {mask_secrets(str(exc))}"
             ) from exc
 
     def _publish_failed(self, item: Outgoing, exc: PublishError) -> None:
@@ -307,7 +309,7 @@ class AsyncQExecutor(BaseExecutor):
             step()
         except Exception as exc:
             self.log.warning("AsyncQExecutor %s failed (%s: %s); will retry", step.__name__,
-                             type(exc).__name__, mask_url(str(exc)))
+                             type(exc).__name__, mask_secrets(str(exc)))
 
     def _read_events(self) -> int:
         """Read at most ``event_batch_size`` new events. Cost follows changes, not running tasks."""
@@ -317,7 +319,7 @@ class AsyncQExecutor(BaseExecutor):
                                       self.settings.event_batch_size)
         except Exception as exc:
             self.log.warning("Reading the event stream failed (%s: %s); retrying next heartbeat",
-                             type(exc).__name__, mask_url(str(exc)))
+                             type(exc).__name__, mask_secrets(str(exc)))
             return 0
         for stream_id, event in batch:
             self._last_event_id = stream_id
@@ -332,7 +334,7 @@ class AsyncQExecutor(BaseExecutor):
         if key is None:
             return  # not ours (another scheduler's, or already finished)
         tracked = self._tracked[key]
-        if info.get("hostname"):
+        if info.get("hostname") and kind != events.DUPLICATE:  # the dropping worker is not the runner
             tracked.hostname = info["hostname"]
         if kind == events.RECEIVED:
             tracked.received = True

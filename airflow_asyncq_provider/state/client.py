@@ -9,7 +9,7 @@ import redis
 
 from airflow_asyncq_provider.errors import BrokerUnavailable
 from airflow_asyncq_provider.settings import AsyncQSettings
-from airflow_asyncq_provider.state.urls import mask_url
+from airflow_asyncq_provider.state.urls import mask_secrets, mask_url
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
@@ -45,11 +45,11 @@ def ping_or_raise(client: redis.Redis, settings: AsyncQSettings, who: str) -> No
     except redis.AuthenticationError as exc:
         raise BrokerUnavailable(
             f"{who}: Redis at [asyncq] broker_url {mask_url(settings.broker_url)} refused the credentials "
-            f"({mask_url(str(exc))}); check the ACL user and password in the URL"
+            f"({mask_secrets(str(exc))}); check the ACL user and password in the URL"
         ) from exc
     except (redis.RedisError, OSError) as exc:
         raise BrokerUnavailable(
             f"{who}: [asyncq] broker_url is {mask_url(settings.broker_url)} but no Redis answered there "
-            f"within {settings.publish_timeout:g} s ({type(exc).__name__}: {mask_url(str(exc))}); "
+            f"within {settings.publish_timeout:g} s ({type(exc).__name__}: {mask_secrets(str(exc))}); "
             "start Redis or set [asyncq] broker_url / AIRFLOW__ASYNCQ__BROKER_URL"
         ) from exc

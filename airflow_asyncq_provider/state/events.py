@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from airflow_asyncq_provider.state.keys import Keys
+
+if TYPE_CHECKING:
+    import redis
 
 RECEIVED = "received"
 STARTED = "started"

@@ -9,18 +9,26 @@ from airflow_asyncq_provider.errors import ConfigError
 
 SUPPORTED_SCHEMES = ("redis", "rediss")
 
-_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/]*)@")
+# userinfo is greedy up to the *last* "@" of the token, as redis-py splits it: "u:my@pass@host"
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^\s'\"<>]*)@(?=[^\s'\"<>@]*)")
+_QUERY_PASSWORD = re.compile(r"(?P<key>[?&]password=)[^&\s'\"<>]*", re.IGNORECASE)
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, sep, _password = match.group("userinfo").partition(":")
+    return f"{match.group('scheme')}{f'{user}:***' if sep else '***'}@"
+
+
+def mask_secrets(text: str) -> str:
+    """Mask the password of every URL anywhere in ``text``, in userinfo and in ``?password=``."""
+    if "://" not in text:
+        return text
+    return _QUERY_PASSWORD.sub(r"\g<key>***", _URL_USERINFO.sub(_mask_userinfo, text))
 
 
 def mask_url(url: str) -> str:
     """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``; a bare password is masked too."""
-    match = _USERINFO.match(url)
-    if not match:
-        return url
-    userinfo = match.group("userinfo")
-    user, sep, _password = userinfo.partition(":")
-    masked = f"{user}:***" if sep else "***"
-    return f"{match.group('scheme')}{masked}@{url[match.end():]}"
+    return mask_secrets(url)
 
 
 def validate_broker_url(url: str, source: str) -> str:
@@ -35,8 +43,9 @@ def validate_broker_url(url: str, source: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"{source} is {mask_url(url)!r}: {exc}") from None
+    except ValueError:
+        # urllib's message may quote part of the password: say only what is safe to say
+        raise ConfigError(f"{source} ({scheme}://…) is not a valid URL: check the host and port") from None
     if not parts.hostname:
         raise ConfigError(f"{source} is {mask_url(url)!r}: it names no host")
     return url

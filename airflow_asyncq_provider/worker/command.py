@@ -25,7 +25,7 @@ from typing import Any
 from airflow_asyncq_provider import __version__
 from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
 from airflow_asyncq_provider.settings import AsyncQSettings, load_settings, validate_queue_name
-from airflow_asyncq_provider.state.urls import mask_url
+from airflow_asyncq_provider.state.urls import mask_secrets, mask_url
 
 log = logging.getLogger("airflow_asyncq_provider.worker")
 
@@ -39,8 +39,7 @@ class SecretsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = mask_url(_JWT.sub("<token>", message)) if ("eyJ" in message or "@" in message) else message
-        cleaned = re.sub(r"(redis|rediss)://([^:@/\s]*):([^@\s]+)@", r"\1://\2:***@", cleaned)
+        cleaned = mask_secrets(_JWT.sub("<token>", message)) if ("eyJ" in message or "://" in message) else message
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

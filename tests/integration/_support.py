@@ -19,14 +19,16 @@ AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 KOMBU_SEP = "\x06\x16"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
+             interval: float = 0.05) -> Any:
+    """Poll until ``predicate`` returns something truthy; ``what`` (or its result) names it on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

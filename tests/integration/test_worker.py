@@ -61,14 +61,14 @@ class Fleet:
 
     def wait_dead_letter(self, task_id: str, timeout: float = 20) -> dict[str, Any]:
         return wait_for(lambda: self.dead_letter(task_id) or self._check_alive(), timeout,
-                        f"dead letter {task_id}\n{self.worker.output()[-3000:]}")
+                        lambda: f"dead letter {task_id}\n{self.worker.output()[-3000:]}")
 
     def wait_event(self, task_id: str, kind: str, timeout: float = 20) -> dict[str, str]:
         def found() -> dict[str, str] | None:
             self._check_alive()
             return next((e for e in self.events_for(task_id) if e["kind"] == kind), None)
 
-        return wait_for(found, timeout, f"{kind} event for {task_id}\n{self.worker.output()[-3000:]}")
+        return wait_for(found, timeout, lambda: f"{kind} event for {task_id}\n{self.worker.output()[-3000:]}")
 
     def _check_alive(self) -> None:
         assert self.worker.alive(), f"the worker died:\n{self.worker.output()[-5000:]}"
@@ -81,6 +81,15 @@ class Fleet:
         self.wait_dead_letter(probe)
 
 
+def _jwt_like(exp: float) -> str:
+    import base64
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS512', 'typ': 'JWT'})}.{part({'exp': exp, 'sub': 'x'})}.{uuid.uuid4().hex}sig"
+
+
 @pytest.fixture(scope="module")
 def fleet(redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     from celery.utils.nodenames import host_format
@@ -90,6 +99,9 @@ def fleet(redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -
     home: Path = tmp_path_factory.mktemp("worker_home")
     env = airflow_env(home, broker_url=REDIS_URL, key_prefix=prefix,
                       worker_heartbeat_interval=str(HEARTBEAT), worker_lost_timeout=str(5 * HEARTBEAT))
+    # No api-server in this tier: a real workload's supervisor fails fast at the Execution API.
+    env.update({"AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:1/execution/",
+                "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "0"})
     keys = Keys(prefix)
     hostname = host_format(node)
     worker = WorkerProcess(["-q", queue, "-c", "2", "--hostname", node, "--skip-serve-logs"], env,
@@ -107,7 +119,7 @@ def fleet(redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -
         code = worker.stop()
         app.close()
         delete_prefix(redis_client, prefix)
-        redis_client.delete(*queue_keys(queue), f"_kombu.binding.{hostname}.celery.pidbox")
+        redis_client.delete(*queue_keys(queue))
         # a warm shutdown unregisters the worker (checked here, after the tests, on the real process)
         assert code == 0, f"worker exit code {code}:\n{worker.output()[-3000:]}"
 
@@ -193,6 +205,53 @@ def test_revoked_before_start_never_starts(fleet):
     time.sleep(1.0)
     assert fleet.kinds(task_id) == [events.REVOKED]  # no received, no started
     fleet.assert_serving()
+
+
+def test_executor_to_worker_round_trip(fleet, monkeypatch, make_workload):
+    """Executor -> Redis -> worker -> fork server -> supervisor -> event stream -> executor."""
+    from airflow.utils.state import TaskInstanceState
+
+    from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
+
+    monkeypatch.setenv("AIRFLOW__ASYNCQ__BROKER_URL", REDIS_URL)
+    monkeypatch.setenv("AIRFLOW__ASYNCQ__KEY_PREFIX", fleet.keys.prefix)
+    monkeypatch.setenv("AIRFLOW__ASYNCQ__WORKER_HEARTBEAT_INTERVAL", str(HEARTBEAT))
+    monkeypatch.setenv("AIRFLOW__ASYNCQ__WORKER_LOST_TIMEOUT", str(5 * HEARTBEAT))
+    executor = AsyncQExecutor()
+    executor.start()
+    try:
+        workload = make_workload(queue=fleet.queue)
+        workload = workload.model_copy(update={"token": _jwt_like(time.time() + 3600)})
+        task_id = workload.ti.external_executor_id
+        executor.queue_workload(workload, session=None)
+        executor._process_workloads([workload])
+        seen: list[tuple[Any, Any]] = []
+
+        def collect() -> bool:
+            executor.sync()
+            event = executor.get_event_buffer().get(workload.ti.key)
+            if event is not None:
+                seen.append(event)
+            return any(state in (TaskInstanceState.FAILED, TaskInstanceState.SUCCESS) for state, _ in seen)
+
+        wait_for(collect, 60, lambda: f"a final state for {task_id}\n{fleet.worker.output()[-3000:]}",
+                 interval=0.2)
+        states = [state for state, _info in seen]
+        assert states[0] == TaskInstanceState.QUEUED
+        assert TaskInstanceState.SUCCESS not in states  # no api-server: it cannot succeed
+        state, reason = seen[-1]
+        assert state == TaskInstanceState.FAILED
+        # the worker's reason reaches the task instance: here, no Execution API to talk to
+        assert reason.startswith("supervisor crashed: ConnectError"), reason
+        assert fleet.kinds(task_id)[:2] == [events.RECEIVED, events.STARTED]
+        started = fleet.events_for(task_id)[1]
+        assert int(started["pid"]) > 0 and started["hostname"] == fleet.hostname
+        assert workload.ti.key not in executor.running
+    finally:
+        executor.end()
+    fleet.assert_serving()
+    # the workload's token is a credential: it must not appear in anything the worker logged
+    assert workload.token.split(".")[2] not in fleet.worker.output()
 
 
 def test_still_alive_and_heartbeating(fleet):

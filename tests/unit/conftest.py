@@ -17,17 +17,19 @@ from airflow_asyncq_provider.state.keys import Keys
 
 
 class StubConf:
-    """Stands in for Airflow's config: ``get(section, key, fallback=...)`` over a dict."""
+    """Stands in for Airflow's config: ``get(section, key, fallback=...)`` over dicts.
 
-    def __init__(self, **values: Any) -> None:
+    Keyword arguments are ``[asyncq]`` options; ``sections`` holds any other section's values.
+    """
+
+    def __init__(self, sections: dict[str, dict[str, Any]] | None = None, **values: Any) -> None:
+        self.sections = {**(sections or {}), "asyncq": values}
         self.values = values
         self.asked: list[tuple[str, str]] = []
 
     def get(self, section: str, key: str, fallback: Any = None) -> Any:
         self.asked.append((section, key))
-        if section != "asyncq":
-            return fallback
-        return self.values.get(key, fallback)
+        return self.sections.get(section, {}).get(key, fallback)
 
 
 class FakePipeline:

@@ -25,7 +25,7 @@ def test_priority_step_table(weight, step):
 
 def test_priority_step_is_monotonic_and_bounded():
     steps = [priority_step(w) for w in range(-50, 3000)]
-    assert all(a >= b for a, b in zip(steps, steps[1:])), "a higher weight must never be served later"
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False)), "a higher weight must never be served later"
     assert set(steps) == set(PRIORITY_STEPS)  # every step is reachable, none outside
     assert min(PRIORITY_STEPS) == 0 and max(PRIORITY_STEPS) == 9
 

@@ -63,27 +63,42 @@ def test_render_table_shows_none_as_blank():
     assert "None" not in text
 
 
-def _status_with(monkeypatch, capsys, url: str) -> tuple[int, str]:
+def _status_with(monkeypatch, capsys, stub_conf, **config: str) -> tuple[int, str]:
+    """Run the command with config from a stub (no Airflow import, no connection)."""
+    import airflow_asyncq_provider.settings as settings_module
     from airflow_asyncq_provider.cli.status import status
 
-    monkeypatch.setenv("AIRFLOW__ASYNCQ__BROKER_URL", url)
+    real = settings_module.load_settings
+    monkeypatch.setattr(settings_module, "load_settings", lambda conf=None: real(stub_conf(**config)))
     with pytest.raises(SystemExit) as exit_info:
         status(argparse.Namespace(json=False))
     return exit_info.value.code, capsys.readouterr().err
 
 
-def test_status_with_a_bad_setting_exits_2(monkeypatch, capsys):
+def test_status_with_a_bad_setting_exits_2(monkeypatch, capsys, stub_conf):
     # the settings are refused before any connection is tried
-    monkeypatch.setenv("AIRFLOW__ASYNCQ__WORKER_CONCURRENCY", "zero")
-    code, err = _status_with(monkeypatch, capsys, "redis://127.0.0.1:1/0")
+    code, err = _status_with(monkeypatch, capsys, stub_conf, broker_url="redis://127.0.0.1:1/0",
+                             worker_concurrency="zero")
     assert code == 2
     assert err.startswith("error: [asyncq] worker_concurrency must be an integer")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: status() chooses its exit code by searching the message for 'broker_url is', so an "
-    "invalid broker_url (a config error, exit 2) exits 3 as if Redis were unreachable"))
-def test_status_with_an_invalid_broker_url_exits_2(monkeypatch, capsys):
-    code, err = _status_with(monkeypatch, capsys, "amqp://guest:secretpw@rabbit//")
+def test_status_with_an_invalid_broker_url_exits_2(monkeypatch, capsys, stub_conf):
+    code, err = _status_with(monkeypatch, capsys, stub_conf, broker_url="amqp://guest:secretpw@rabbit//")
     assert "secretpw" not in err
     assert code == 2
+
+
+def test_status_with_refused_credentials_exits_3_like_the_worker(monkeypatch, capsys, stub_conf):
+    import redis
+
+    import airflow_asyncq_provider.state.client as client_module
+
+    class Refusing:
+        def ping(self):
+            raise redis.AuthenticationError("invalid username-password pair or user is disabled.")
+
+    monkeypatch.setattr(client_module, "make_redis", lambda settings, timeout=None: Refusing())
+    code, err = _status_with(monkeypatch, capsys, stub_conf, broker_url="redis://u:wr0ngpw@h:6379/0")
+    assert "refused the credentials" in err and "wr0ngpw" not in err
+    assert code == 3

@@ -10,6 +10,7 @@ import redis
 from airflow_asyncq_provider.errors import AsyncQError, BrokerUnavailable
 from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state.client import make_redis, ping_or_raise, ssl_options
+from airflow_asyncq_provider.state.urls import SUPPORTED_SCHEMES, validate_broker_url
 
 
 def test_no_tls_options_for_plain_redis():
@@ -34,13 +35,11 @@ def test_make_redis_uses_the_publish_timeout_and_decodes():
         .connection_kwargs["socket_timeout"] == 0.2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: validate_broker_url accepts redis+socket:// (kombu's spelling) but make_redis hands it to "
-    "redis.Redis.from_url, which only knows redis://, rediss:// and unix://; executor start and the "
-    "worker die with an untranslated ValueError"))
-def test_make_redis_accepts_every_scheme_settings_accept():
-    client = make_redis(AsyncQSettings(broker_url="redis+socket:///var/run/redis.sock"))
-    assert client.connection_pool.connection_kwargs["path"] == "/var/run/redis.sock"
+@pytest.mark.parametrize("scheme", SUPPORTED_SCHEMES)
+def test_make_redis_builds_every_scheme_settings_accept(scheme):
+    # Settings and the client must agree: a URL that validates must not die in redis-py later.
+    url = validate_broker_url(f"{scheme}://h:6380/0", "x")
+    assert make_redis(AsyncQSettings(broker_url=url)).connection_pool.connection_kwargs["host"] == "h"
 
 
 class _Refusing:
@@ -69,3 +68,17 @@ def test_ping_or_raise_translates_os_errors():
 
     with pytest.raises(BrokerUnavailable, match="OSError: no route to host"):
         ping_or_raise(Broken(), AsyncQSettings(broker_url="redis://h/0"), "x")  # type: ignore[arg-type]
+
+
+def test_ping_or_raise_names_refused_credentials():
+    class Refusing:
+        def ping(self):
+            raise redis.AuthenticationError("invalid username-password pair or user is disabled.")
+
+    settings = AsyncQSettings(broker_url="redis://airflow:wr0ngpw@h:6379/0")
+    with pytest.raises(BrokerUnavailable) as err:
+        ping_or_raise(Refusing(), settings, "x")  # type: ignore[arg-type]
+    message = str(err.value)
+    assert message.startswith("x: Redis at [asyncq] broker_url redis://airflow:***@h:6379/0 refused the "
+                              "credentials")
+    assert "wr0ngpw" not in message

@@ -11,6 +11,7 @@ import pytest
 from airflow_asyncq_provider.errors import PublishError
 from airflow_asyncq_provider.state import events
 
+
 @pytest.fixture
 def states():
     from airflow.utils.state import TaskInstanceState
@@ -114,9 +115,6 @@ def test_duplicate_after_started_keeps_running(executor, ti_key, states):
     assert key in executor.running
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _apply copies info['hostname'] into tracked.hostname before looking at the kind, so a "
-    "DUPLICATE event from the worker that dropped a redelivery re-points liveness at that worker"))
 def test_duplicate_does_not_move_the_task_to_the_dropping_worker(executor, ti_key):
     key = ti_key()
     tracked = _track(executor, key, "id-1")
@@ -255,7 +253,7 @@ def test_process_workloads_tracks_and_reports_queued(executor, make_workload, st
     assert (b.task_id, b.queue, b.priority) == (str(workloads[1].ti.id), "fallback_q", 9)
     assert a.workload is workloads[0]
     assert executor.queued_tasks == {}
-    for item, w in zip(published, workloads):
+    for item, w in zip(published, workloads, strict=True):
         assert w.ti.key in executor.running
         assert executor.event_buffer[w.ti.key] == (states.QUEUED, item.task_id)
         assert executor._keys_by_id[item.task_id] == w.ti.key
@@ -351,9 +349,6 @@ def test_publish_error_names_the_masked_broker(executor, make_workload):
     assert isinstance(err.value.__cause__, TimeoutError)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _publish (and ping_or_raise, _read_events) pass str(exc) through mask_url, which only "
-    "masks a URL at the very start of the text; a URL inside an exception message keeps its password"))
 def test_publish_error_masks_the_broker_password(executor, make_workload):
     executor._app = mock.Mock()
     executor._app.send_task.side_effect = OSError("connect to redis://:hunter2@fake-redis:6379/0 failed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from importlib.metadata import distribution, entry_points
-
 from pathlib import Path
 
 import pytest

@@ -101,9 +101,5 @@ def test_provider_metadata_and_settings_import_no_broker_client(module):
     assert not imported_at_import_time(module) & {"celery", "kombu", "redis", "pandas", "pyarrow"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: asyncq_executor's docstring promises it imports neither Celery nor Redis at module level, "
-    "but it imports state.events at module level, and events.py does `import redis` (used only in "
-    "type hints), so the scheduler and the api-server import redis-py with the executor"))
 def test_executor_module_imports_no_redis():
     assert "redis" not in imported_at_import_time(f"{PACKAGE}.executors.asyncq_executor")

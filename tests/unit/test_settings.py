@@ -17,14 +17,20 @@ def test_defaults_come_from_the_declared_options(stub_conf):
     conf = stub_conf()
     settings = load_settings(conf)
     assert settings == AsyncQSettings(broker_url=CONFIG_OPTIONS["broker_url"]["default"])
-    # Every declared option was read from the [asyncq] section, and nothing else.
-    assert {key for _section, key in conf.asked} == set(CONFIG_OPTIONS)
-    assert {section for section, _key in conf.asked} == {"asyncq"}
+    # Every declared option was read from the [asyncq] section; the default queue is Airflow's own.
+    assert {key for section, key in conf.asked if section == "asyncq"} == set(CONFIG_OPTIONS)
+    assert {(s, k) for s, k in conf.asked if s != "asyncq"} == {("operators", "default_queue")}
+
+
+def test_default_queue_is_airflows(stub_conf):
+    conf = stub_conf(sections={"operators": {"default_queue": " celery_q "}}, default_queue="ignored")
+    assert load_settings(conf).default_queue == "celery_q"
 
 
 def test_good_values_are_typed(stub_conf):
     settings = load_settings(stub_conf(
-        broker_url=" rediss://u:p@redis.internal:6380/2 ", default_queue=" high_mem ",
+        sections={"operators": {"default_queue": " high_mem "}},
+        broker_url=" rediss://u:p@redis.internal:6380/2 ",
         worker_concurrency=" 16 ", publish_timeout="2.5", publish_max_retries="0",
         event_batch_size="10", event_stream_maxlen="1000", state_ttl="60",
         worker_heartbeat_interval="1", worker_lost_timeout="2", unconsumed_queue_warning="0.5",
@@ -100,8 +106,6 @@ def test_options_with_an_inclusive_minimum(stub_conf, key, value, bound):
         load_settings(stub_conf(**{key: value}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _number accepts 'nan' for float options (NaN fails every "
-                                       "comparison, so it passes the > 0 check)")
 @pytest.mark.parametrize("key", FLOAT_OPTIONS)
 def test_nan_is_refused(stub_conf, key):
     with pytest.raises(ConfigError, match=key):
@@ -109,7 +113,8 @@ def test_nan_is_refused(stub_conf, key):
 
 
 @pytest.mark.parametrize("url", ["amqp://guest:guest@rabbit:5672//", "http://127.0.0.1:6379/0",
-                                 "sqs://", "127.0.0.1:6379"])
+                                 "sqs://", "127.0.0.1:6379", "redis+socket:///var/run/redis.sock",
+                                 "unix:///var/run/redis.sock"])
 def test_unknown_url_scheme_names_broker_url(stub_conf, url):
     with pytest.raises(ConfigError) as err:
         load_settings(stub_conf(broker_url=url))
@@ -140,8 +145,7 @@ def test_url_without_host_names_broker_url(stub_conf):
         load_settings(stub_conf(broker_url="redis:///0"))
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://h:6380/0",
-                                 "redis+socket:///var/run/redis.sock", "REDIS://h/0"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://h:6380/0", "REDIS://h/0"])
 def test_supported_urls_pass(stub_conf, url):
     assert load_settings(stub_conf(broker_url=url)).broker_url == url
 
@@ -168,8 +172,8 @@ def test_key_prefix_must_be_a_word(stub_conf, value):
 
 @pytest.mark.parametrize("value", ["", "a b", "a,b"])
 def test_default_queue_is_validated(stub_conf, value):
-    with pytest.raises(ConfigError, match=r"\[asyncq\] default_queue: queue name"):
-        load_settings(stub_conf(default_queue=value))
+    with pytest.raises(ConfigError, match=r"\[operators\] default_queue: queue name"):
+        load_settings(stub_conf(sections={"operators": {"default_queue": value}}))
 
 
 def test_config_error_is_an_asyncq_error():

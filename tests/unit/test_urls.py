@@ -39,9 +39,6 @@ def test_mask_url_finds_a_url_only_at_the_start():
         "Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: mask_url's userinfo regex stops at the first '@', but urllib (and so redis-py) splits "
-    "userinfo at the last '@'; a password containing '@' is partly printed"))
 def test_mask_url_password_containing_at_sign():
     url = "redis://user:my@pass@redis.internal:6379/0"
     from redis.connection import parse_url
@@ -50,9 +47,6 @@ def test_mask_url_password_containing_at_sign():
     assert "pass" not in mask_url(url)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: redis-py honours ?password= in the URL query, but mask_url only masks the userinfo, "
-    "so the password is printed in logs and errors"))
 def test_mask_url_password_in_query_string():
     url = f"redis://127.0.0.1:6379/0?password={SECRET}"
     from redis.connection import parse_url
@@ -61,18 +55,13 @@ def test_mask_url_password_in_query_string():
     assert SECRET not in mask_url(url)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a password containing '/' defeats the userinfo regex ([^@/]*), and validate_broker_url "
-    "then prints the whole URL, password included, in its error"))
 def test_validation_error_never_contains_a_password_with_a_slash():
     with pytest.raises(ConfigError) as err:
         validate_broker_url("redis://:pa/ss@redis.internal:6379/0", "[asyncq] broker_url")
     assert "pa/ss" not in str(err.value)
 
 
-@pytest.mark.parametrize("url", [
-    "redis://127.0.0.1:6379/0", "rediss://u:p@h:6380/0", "redis+socket:///tmp/redis.sock",
-])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://u:p@h:6380/0"])
 def test_validate_accepts_supported_schemes(url):
     assert validate_broker_url(url, "src") == url
 
@@ -82,7 +71,7 @@ def test_validate_accepts_supported_schemes(url):
     ("amqp://guest@rabbit//", "scheme 'amqp' is not supported"),
     ("http://h:6379/0", "scheme 'http' is not supported"),
     ("localhost:6379", "scheme '(none)' is not supported"),
-    ("redis://h:port/0", "src is 'redis://h:port/0'"),
+    ("redis://h:port/0", "src (redis://…) is not a valid URL"),
     ("redis://:6379/0", "names no host"),
 ])
 def test_validate_refuses_with_the_source_named(url, fragment):

@@ -48,3 +48,32 @@ def test_parse_concurrency_refuses(raw):
     with pytest.raises(ConfigError) as err:
         parse_concurrency(raw, 8)
     assert str(err.value) == f"airflow asyncq worker -c must be a positive integer, got {raw!r}"
+
+
+# ------------------------------------------------------------------------------------ secrets in logs
+JWT = "eyJhbGciOiJIUzUxMiJ9.eyJzdWIiOiJ4IiwiZXhwIjoxfQ.c2lnbmF0dXJlLXNlY3JldA"
+
+
+def _filtered(msg: str, *args: object) -> str:
+    import logging
+
+    from airflow_asyncq_provider.worker.command import SecretsFilter
+
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, msg, args or None, None)
+    assert SecretsFilter().filter(record) is True  # it cleans, it never drops a line
+    return record.getMessage()
+
+
+@pytest.mark.parametrize(("msg", "args", "expected"), [
+    ("broker redis://airflow:s3cret@h:6379/0 is down", (), "broker redis://airflow:***@h:6379/0 is down"),
+    ("broker %s", ("rediss://:s3cret@h/0",), "broker rediss://:***@h/0"),
+    (f"workload token {JWT} expired", (), "workload token <token> expired"),
+    ("payload %s", (f'{{"token": "{JWT}"}}',), 'payload {"token": "<token>"}'),
+    ("nothing to hide at 5%", (), "nothing to hide at 5%"),
+])
+def test_secrets_filter_masks_passwords_and_tokens(msg, args, expected):
+    assert _filtered(msg, *args) == expected
+
+
+def test_secrets_filter_password_with_at_sign():
+    assert "ss" not in _filtered("broker redis://u:p@ss@h:6379/0 is down").replace("is down", "")
