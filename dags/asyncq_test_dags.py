@@ -197,3 +197,32 @@ def asyncq_test_too_big():
 asyncq_test_memory()
 asyncq_test_budget()
 asyncq_test_too_big()
+
+
+@dag(dag_id="asyncq_fault_long", schedule=None, start_date=START, catchup=False, params={"s": 20})
+def asyncq_fault_long():
+    """One long task with a retry: the fault suite kills or drains its worker mid-run."""
+
+    @task(retries=1, retry_delay=datetime.timedelta(seconds=1))
+    def long_task() -> str:
+        _record("run")
+        time.sleep(float(get_current_context()["params"]["s"]))
+        return os.environ.get("ASYNCQ_WORKER_NAME", "")
+
+    long_task()
+
+
+@dag(dag_id="asyncq_fault_slowq", schedule=None, start_date=START, catchup=False)
+def asyncq_fault_slowq():
+    """A task on a queue that gets its worker late, after its token has expired."""
+
+    @task(queue="slowq")
+    def late() -> str:
+        _record("run")
+        return "ran"
+
+    late()
+
+
+asyncq_fault_long()
+asyncq_fault_slowq()

@@ -172,7 +172,8 @@ def asyncq_chunked_csv_etl():
                 raise ValueError(f"{name} totals differ from the truth:\n got   {got}\n truth {truth}")
             stats = ti.xcom_pull(task_ids=stats_task, key="stats")
             if stats["bad_rows"] != expected_bad:
-                raise ValueError(f"{name} counted {stats['bad_rows']} malformed rows, expected {expected_bad}")
+                raise ValueError(f"{name} counted {stats['bad_rows']} malformed rows, "
+                                 f"expected {expected_bad}")
             print(f"{name}: {stats['rows']:,} rows in {stats['chunks']} chunk(s), {stats['bad_rows']} "
                   f"malformed rows skipped, totals match the truth exactly")
         orders = sum(v["orders"] for v in truth.values())

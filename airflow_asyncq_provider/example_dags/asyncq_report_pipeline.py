@@ -1,6 +1,6 @@
 """asyncq_report_pipeline: a daily sales report on a cron schedule, the Airflow way to run a Celery beat job.
 
-Runs at 06:15 UTC every day (``schedule="15 6 * * *"``, no catchup), and on demand.
+Runs at 06:15 UTC every day once unpaused (``schedule="15 6 * * *"``, no catchup), and on demand.
 
 1. ``seed_source`` stands in for the upstream system: it makes sure the day's order export exists as
    a local JSONL file (``params.orders`` orders, seeded by the date, so a re-run sees the same data).
@@ -101,10 +101,11 @@ def notify_failure(context) -> None:
     schedule="15 6 * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    is_paused_upon_creation=True,  # an example should not start reporting until someone turns it on
     max_active_runs=2,
     params={
         "orders": Param(40_000, type="integer", minimum=0, description="orders in the seeded export"),
-        "pages": Param(4, type="integer", minimum=1, description="fetch the export in at least this many pages"),
+        "pages": Param(4, type="integer", minimum=1, description="read the export in at least N pages"),
         "source": Param("", type="string", description="report on this JSONL file instead of the seeded one"),
         "reports_dir": Param("", type="string", description="default: <temp dir>/asyncq-reports"),
         "notify_email": Param("", type="string", description="recipient of failure e-mails"),
@@ -123,7 +124,8 @@ def asyncq_report_pipeline():
         day = report_date(context)
         import tempfile
 
-        path = os.path.join(tempfile.gettempdir(), "asyncq-report-source", f"orders-{day}-{params['orders']}.jsonl")
+        name = f"orders-{day}-{params['orders']}.jsonl"
+        path = os.path.join(tempfile.gettempdir(), "asyncq-report-source", name)
         if not os.path.exists(path):
             write_orders(path, int(params["orders"]), seed=day)
         print(f"export for {day}: {path} ({os.path.getsize(path):,} bytes)")
@@ -147,7 +149,8 @@ def asyncq_report_pipeline():
 
         context = get_current_context()
         day = report_date(context)
-        reports_dir = context["params"]["reports_dir"] or os.path.join(tempfile.gettempdir(), "asyncq-reports")
+        reports_dir = (context["params"]["reports_dir"]
+                       or os.path.join(tempfile.gettempdir(), "asyncq-reports"))
         os.makedirs(reports_dir, exist_ok=True)
         path = os.path.join(reports_dir, f"sales-report-{day}.csv")
         rows = sorted((summary or {}).items())

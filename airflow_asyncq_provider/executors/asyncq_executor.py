@@ -482,10 +482,17 @@ class AsyncQExecutor(BaseExecutor):
 
     # ---------------------------------------------------------------- adoption and revoke
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
-        candidates = [ti for ti in tis if ti.external_executor_id]
-        not_adopted = [ti for ti in tis if not ti.external_executor_id]
-        if not candidates or self._redis is None:
-            return list(tis)
+        # A scheduler whose own heartbeat ran late can be asked to adopt work it already tracks;
+        # keep what it knows (it holds the workload, for republishing) and just say yes.
+        mine = [ti for ti in tis if ti.key in self._tracked]
+        candidates = [ti for ti in tis if ti.external_executor_id and ti.key not in self._tracked]
+        not_adopted = [ti for ti in tis if not ti.external_executor_id and ti.key not in self._tracked]
+        if mine:
+            self.log.info("Kept %d task instance(s) this executor already tracks", len(mine))
+        if self._redis is None:
+            return [ti for ti in tis if ti not in mine]
+        if not candidates:
+            return not_adopted
         pipe = self._redis.pipeline(transaction=False)
         for ti in candidates:
             pipe.hgetall(self.keys.task(ti.external_executor_id))

@@ -331,7 +331,8 @@ class ChunkSplitOperator(BaseOperator):
         try:
             min_chunks = max(1, int(self.min_chunks))
         except (TypeError, ValueError) as exc:
-            raise ChunkPlanningError(f"{self.task_id}: min_chunks={self.min_chunks!r} is not a number") from exc
+            raise ChunkPlanningError(
+                f"{self.task_id}: min_chunks={self.min_chunks!r} is not a number") from exc
         size = storage.input_size(self.path)
         with storage.open_input(self.path) as fh:
             h_end = chunking.header_end(fh, size, reader.layout, reader.header)
@@ -371,9 +372,10 @@ class ChunkProcessOperator(BaseOperator):
     template_fields: Sequence[str] = ("chunk", "read_options", "output_dir")
     ui_color = "#dbe9f6"
 
-    def __init__(self, *, chunk: dict[str, Any], process: ProcessFn | None = None, names: Sequence[str] | None = None,
-                 read_options: dict[str, Any] | None = None, boundary: str = "quoted", on_bad_rows: str = "fail",
-                 output_dir: str | None = None, work_name: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, chunk: dict[str, Any], process: ProcessFn | None = None,
+                 names: Sequence[str] | None = None, read_options: dict[str, Any] | None = None,
+                 boundary: str = "quoted", on_bad_rows: str = "fail", output_dir: str | None = None,
+                 work_name: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chunk = chunk
         self.process = process
@@ -396,8 +398,8 @@ class ChunkProcessOperator(BaseOperator):
         try:
             attempts.mark(try_number, "running", pieces=pieces)
         except OSError:
-            self.log.warning("Could not write the attempt marker under %s; a memory kill of this try will not "
-                             "be recognised by the next one", work_dir, exc_info=True)
+            self.log.warning("Could not write the attempt marker under %s; a memory kill of this try will "
+                             "not be recognised by the next one", work_dir, exc_info=True)
         try:
             record = self._run(chunk, reader, work_dir, try_number, pieces)
         except MemoryError:
@@ -411,7 +413,8 @@ class ChunkProcessOperator(BaseOperator):
         self._mark(attempts, try_number, "success", pieces)
         return record
 
-    def _mark(self, attempts: results.Attempts, try_number: int, status: str, pieces: int, **fields: Any) -> None:
+    def _mark(self, attempts: results.Attempts, try_number: int, status: str, pieces: int,
+              **fields: Any) -> None:
         try:
             attempts.mark(try_number, status, pieces=pieces, **fields)
         except OSError:
@@ -511,7 +514,8 @@ class ChunkCombineOperator(BaseOperator):
         if tally.bad_rows:
             self.log.warning("%d malformed row(s) were skipped across %d chunks; first: %s", tally.bad_rows,
                              len(records), "; ".join(tally.bad_examples))
-        self.log.info("Combining %d output(s) of %d chunk(s): %d rows", len(outputs), len(records), tally.rows)
+        self.log.info("Combining %d output(s) of %d chunk(s): %d rows", len(outputs), len(records),
+                      tally.rows)
         if self.combine is None:
             return {"parts": [o["parquet"] for o in outputs if "parquet" in o],
                     "values": [o["value"] for o in outputs if "value" in o], "rows": tally.rows}
@@ -524,8 +528,8 @@ class ChunkCombineOperator(BaseOperator):
             try:
                 acc = self.combine(acc, value)
             except Exception:
-                self.log.error("combine raised while folding output %d of %d (%s); all chunk outputs are kept "
-                               "under %s. Fix combine and clear only this task to redo the fold", n + 1,
+                self.log.error("combine raised while folding output %d of %d (%s); all chunk outputs are "
+                               "kept under %s. Fix combine and clear only this task to redo the fold", n + 1,
                                len(outputs), output.get("parquet", "a value"), work_dir)
                 raise
         return results.publish(acc, work_dir, "combined", f"{self.task_id}: combine")
@@ -585,11 +589,13 @@ def chunked_fan_out(*, group_id: str, path: str, memory_budget: str | int, proce
     RecordLayout.for_input(file_format, read_options, boundary)
     common: dict[str, Any] = {"queue": queue} if queue else {}
     config = memory_executor_config(budget, limit)
-    with TaskGroup(group_id=group_id, tooltip=tooltip or f"chunked fan-out within {human_size(budget)}") as tg:
+    tooltip = tooltip or f"chunked fan-out within {human_size(budget)}"
+    with TaskGroup(group_id=group_id, tooltip=tooltip) as tg:
         split = ChunkSplitOperator(
-            task_id="split", path=path, memory_budget=budget, file_format=file_format, header=header, names=names,
-            read_options=read_options, boundary=boundary, overhead=overhead, work_factor=work_factor,
-            min_chunks=min_chunks, max_chunks=max_chunks, executor_config=config, **common)
+            task_id="split", path=path, memory_budget=budget, file_format=file_format, header=header,
+            names=names, read_options=read_options, boundary=boundary, overhead=overhead,
+            work_factor=work_factor, min_chunks=min_chunks, max_chunks=max_chunks, executor_config=config,
+            **common)
         mapped = ChunkProcessOperator.partial(
             task_id="process", process=process, names=names, read_options=read_options, boundary=boundary,
             on_bad_rows=on_bad_rows, output_dir=output_dir, work_name=group_id, retries=process_retries,
@@ -597,7 +603,8 @@ def chunked_fan_out(*, group_id: str, path: str, memory_budget: str | int, proce
             max_active_tis_per_dagrun=max_active_tis_per_dagrun, **common,
         ).expand(chunk=split.output)
         fold = ChunkCombineOperator(task_id="combine", results=mapped.output, combine=combine,
-                                    output_dir=output_dir, work_name=group_id, executor_config=config, **common)
+                                    output_dir=output_dir, work_name=group_id, executor_config=config,
+                                    **common)
     return ChunkedFanOut(group=tg, split=split, process=mapped, combine=fold)
 
 

@@ -92,7 +92,8 @@ class RecordLayout:
             )
         quotechar = options.get("quotechar", '"')
         if not isinstance(quotechar, str) or len(quotechar.encode()) != 1:
-            raise ChunkPlanningError(f"read_options quotechar={quotechar!r} must be one single-byte character")
+            raise ChunkPlanningError(
+                f"read_options quotechar={quotechar!r} must be one single-byte character")
         return cls(format=file_format, quotechar=quotechar.encode())
 
 
@@ -148,7 +149,8 @@ class Chunk:
 
 
 # ------------------------------------------------------------------ record boundaries
-def next_record_end(buf: bytes, i: int, inside: bool, quotechar: bytes | None) -> tuple[int, bool]:
+def next_record_end(buf: bytes | bytearray, i: int, inside: bool,
+                    quotechar: bytes | None) -> tuple[int, bool]:
     """Index just past the first newline at or after ``i`` that is outside quotes, or -1; and the
     quote state at that point (at the end of ``buf`` when -1). ``inside`` is the state at ``i``."""
     while True:
@@ -422,5 +424,5 @@ def plan_chunks(path: str, fh: IO[bytes], size: int, *, layout: RecordLayout, he
     chunks = tuple(Chunk(path=path, format=layout.format, index=i, count=len(ranges), start=a, end=b,
                          header_end=h_end) for i, (a, b) in enumerate(ranges))
     return ChunkPlan(path=path, format=layout.format, size=size, header_end=h_end, budget=budget,
-                     overhead=overhead, work_factor=work_factor, chunk_bytes=chunk_bytes, sample=sizing.sample,
-                     chunks=chunks)
+                     overhead=overhead, work_factor=work_factor, chunk_bytes=chunk_bytes,
+                     sample=sizing.sample, chunks=chunks)

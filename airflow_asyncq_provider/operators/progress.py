@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -33,7 +34,7 @@ def format_eta(seconds: float | None) -> str:
 class Progress:
     """Call ``update`` after each chunk; it logs when ``interval`` seconds passed since the last line."""
 
-    def __init__(self, log: logging.Logger, *, total_bytes: int, interval: float = 10.0,
+    def __init__(self, log: logging.Logger | Any, *, total_bytes: int, interval: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.log = log
         self.total_bytes = max(total_bytes, 0)

@@ -172,7 +172,8 @@ def _read_csv(source: Any, columns: list[str] | None, read_options: dict[str, An
         raise MalformedInputError(f"{label}: the CSV parser stopped: {exc}") from exc
     except (ValueError, TypeError) as exc:
         if not isinstance(dtype, dict):
-            raise MalformedInputError(f"{label}: {exc}; declare dtype per column to count bad values") from exc
+            raise MalformedInputError(
+                f"{label}: {exc}; declare dtype per column to count bad values") from exc
         return _read_csv_coercing(pd, source, common, dtype, label)
 
 
