@@ -11,6 +11,24 @@ from typing import Any
 from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
 from airflow_asyncq_provider.state.urls import mask_url
 
+# A consumer loop that has not ticked for this long is stuck, even if the heartbeat thread still runs.
+STUCK_AFTER = 30.0
+MIB = 1024**2
+
+
+def _mib(value: Any) -> int | None:
+    return round(float(value) / MIB) if value not in (None, "") else None
+
+
+def health(info: dict[str, Any], now: float) -> str:
+    """ok, draining, or stuck: the registry proves the worker *consumes*, not merely that it lives."""
+    if info.get("draining") is True:
+        return "draining"
+    tick = float(info.get("consumer_tick_at") or 0)
+    if tick and now - tick > STUCK_AFTER:
+        return f"stuck consumer ({now - tick:.0f} s)"
+    return "ok" if tick else "starting"
+
 
 def fleet_rows(workers: dict[str, dict[str, Any]], now: float) -> list[dict[str, Any]]:
     rows = []
@@ -19,14 +37,28 @@ def fleet_rows(workers: dict[str, dict[str, Any]], now: float) -> list[dict[str,
         started = float(info.get("started_at") or 0)
         rows.append({
             "worker": name,
+            "health": health(info, now),
             "queues": ",".join(info.get("queues") or []),
             "slots": info.get("slots"),
             "running": info.get("running"),
             "free": info.get("free"),
+            "mem_budget_mib": _mib(info.get("memory_budget")),
+            "mem_reserved_mib": _mib(info.get("memory_reserved")),
+            "mem_in_use_mib": _mib(info.get("memory_in_use")),
             "heartbeat_age_s": round(now - beat, 1) if beat else None,
             "up_s": round(now - started) if started else None,
             "version": info.get("version"),
         })
+    return rows
+
+
+def task_rows(workers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, info in sorted(workers.items()):
+        tasks = info.get("tasks") if isinstance(info.get("tasks"), dict) else {}
+        for task_id, task in sorted(tasks.items()):
+            rows.append({"worker": name, "task": task_id, "pid": task.get("pid"),
+                         "pss_mib": _mib(task.get("pss")), "limit_mib": _mib(task.get("limit"))})
     return rows
 
 
@@ -57,9 +89,13 @@ def status(args: argparse.Namespace) -> None:
     except BrokerUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
-    rows = fleet_rows(registry.live_workers(client, Keys(settings.key_prefix)), time.time())
+    workers = registry.live_workers(client, Keys(settings.key_prefix))
+    rows, tasks = fleet_rows(workers, time.time()), task_rows(workers)
     if args.json:
-        print(json.dumps({"broker": mask_url(settings.broker_url), "workers": rows}, indent=2))
+        print(json.dumps({"broker": mask_url(settings.broker_url), "workers": rows, "tasks": tasks}, indent=2))
     else:
         print(f"broker: {mask_url(settings.broker_url)}")
         print(render_table(rows))
+        if tasks:
+            print("\nrunning tasks:")
+            print(render_table(tasks))

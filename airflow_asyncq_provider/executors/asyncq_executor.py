@@ -85,6 +85,7 @@ class AsyncQExecutor(BaseExecutor):
         self._redis_run_id: str | None = None
         self._recovery_at: float | None = None
         self._grace_until = 0.0
+        self._warned_stuck: set[str] = set()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -468,8 +469,9 @@ class AsyncQExecutor(BaseExecutor):
         waiting = [(key, t) for key, t in self._tracked.items() if not t.received]
         if not waiting:
             return
-        consumed = {q for w in registry.live_workers(self._redis, self.keys).values()
-                    for q in (w.get("queues") or [])}
+        live = registry.live_workers(self._redis, self.keys)
+        consumed = {q for w in live.values() for q in (w.get("queues") or [])}
+        self._warn_stuck_consumers(live)
         for key, tracked in waiting:
             if tracked.outgoing is not None and self._refuse_oversized(tracked.outgoing, tracked):
                 continue
@@ -479,6 +481,18 @@ class AsyncQExecutor(BaseExecutor):
                     "Workload %s (%s) has waited %.0f s on queue %r, which no live worker consumes; start "
                     "one with `airflow asyncq worker -q %s`",
                     tracked.task_id, key, time.time() - tracked.published_at, tracked.queue, tracked.queue)
+
+    def _warn_stuck_consumers(self, live: dict[str, dict[str, Any]]) -> None:
+        from airflow_asyncq_provider.cli.status import health
+
+        for name, info in live.items():
+            verdict = health(info, time.time())
+            if verdict.startswith("stuck") and name not in self._warned_stuck:
+                self._warned_stuck.add(name)
+                self.log.warning("Worker %s heartbeats but its consumer is %s: it takes no new work; "
+                                 "restart it (`airflow asyncq status` shows it)", name, verdict)
+            elif not verdict.startswith("stuck"):
+                self._warned_stuck.discard(name)
 
     # ---------------------------------------------------------------- adoption and revoke
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:

@@ -13,7 +13,10 @@ NOW = 1_000_000.0
 
 def _worker(**overrides):
     info = {"queues": ["default", "high_mem"], "slots": 8, "running": 3, "free": 5,
-            "heartbeat_at": NOW - 1.26, "started_at": NOW - 3600.4, "version": "0.1.0"}
+            "heartbeat_at": NOW - 1.26, "started_at": NOW - 3600.4, "version": "0.1.0",
+            "consumer_tick_at": NOW - 1, "memory_budget": 8 * 1024**3, "memory_reserved": 768 * 1024**2,
+            "memory_in_use": 300 * 1024**2,
+            "tasks": {"t1": {"pid": 11, "pss": 200 * 1024**2, "limit": 1024**3}}}
     info.update(overrides)
     return info
 
@@ -21,14 +24,16 @@ def _worker(**overrides):
 def test_fleet_rows_sorted_and_derived():
     rows = fleet_rows({"b@h": _worker(), "a@h": _worker(queues=["x"], running=0, free=8)}, NOW)
     assert [r["worker"] for r in rows] == ["a@h", "b@h"]
-    assert rows[1] == {"worker": "b@h", "queues": "default,high_mem", "slots": 8, "running": 3,
-                       "free": 5, "heartbeat_age_s": 1.3, "up_s": 3600, "version": "0.1.0"}
+    assert rows[1] == {"worker": "b@h", "health": "ok", "queues": "default,high_mem", "slots": 8,
+                       "running": 3, "free": 5, "mem_budget_mib": 8192, "mem_reserved_mib": 768,
+                       "mem_in_use_mib": 300, "heartbeat_age_s": 1.3, "up_s": 3600, "version": "0.1.0"}
     assert rows[0]["queues"] == "x"
 
 
 def test_fleet_rows_tolerate_missing_fields():
     (row,) = fleet_rows({"w": {}}, NOW)
-    assert row == {"worker": "w", "queues": "", "slots": None, "running": None, "free": None,
+    assert row == {"worker": "w", "health": "starting", "queues": "", "slots": None, "running": None,
+                   "free": None, "mem_budget_mib": None, "mem_reserved_mib": None, "mem_in_use_mib": None,
                    "heartbeat_age_s": None, "up_s": None, "version": None}
 
 
@@ -47,8 +52,8 @@ def test_render_table_aligns_columns():
     lines = render_table(rows).splitlines()
     assert len(lines) == 4
     header, rule, first, second = lines
-    assert header.split() == ["WORKER", "QUEUES", "SLOTS", "RUNNING", "FREE", "HEARTBEAT_AGE_S", "UP_S",
-                              "VERSION"]
+    assert header.split() == ["WORKER", "HEALTH", "QUEUES", "SLOTS", "RUNNING", "FREE", "MEM_BUDGET_MIB",
+                              "MEM_RESERVED_MIB", "MEM_IN_USE_MIB", "HEARTBEAT_AGE_S", "UP_S", "VERSION"]
     assert set(rule.replace(" ", "")) == {"-"}
     # every column starts at the same offset on every line
     for column in ("QUEUES", "SLOTS", "VERSION"):
@@ -56,6 +61,21 @@ def test_render_table_aligns_columns():
         assert first[offset - 2:offset] == "  " and second[offset - 2:offset] == "  "
     assert first.startswith("w1@host ") and second.startswith("worker-with-a-long-name@h")
     assert "16" in second.split()
+
+
+def test_a_consumer_that_stopped_ticking_is_reported_stuck():
+    (row,) = fleet_rows({"w": _worker(consumer_tick_at=NOW - 45)}, NOW)
+    assert row["health"] == "stuck consumer (45 s)"
+    (row,) = fleet_rows({"w": _worker(draining=True)}, NOW)
+    assert row["health"] == "draining"
+
+
+def test_task_rows_list_running_tasks_with_their_memory():
+    from airflow_asyncq_provider.cli.status import task_rows
+
+    assert task_rows({"w": _worker()}) == [
+        {"worker": "w", "task": "t1", "pid": 11, "pss_mib": 200, "limit_mib": 1024}]
+    assert task_rows({"w": {}}) == []
 
 
 def test_render_table_shows_none_as_blank():
