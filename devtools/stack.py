@@ -219,8 +219,14 @@ class Stack:
         raise TimeoutError(f"run {dag_id}/{run_id} did not finish within {timeout} s")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        reply = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
-        return reply["task_instances"]
+        """Every task instance of the run, paging past the api-server's maximum page size (100)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            reply = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+                                    f"?limit=100&offset={len(found)}&order_by=map_index")
+            found.extend(reply["task_instances"])
+            if not reply["task_instances"] or len(found) >= reply["total_entries"]:
+                return found
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
         reply = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/"

@@ -72,6 +72,12 @@ def worker(args: argparse.Namespace) -> None:
         concurrency = parse_concurrency(args.concurrency, settings.worker_concurrency)
         budget = (parse_size(args.memory_budget, "airflow asyncq worker --memory-budget")
                   if getattr(args, "memory_budget", None) else settings.worker_memory_budget)
+        # --- native lane (docs/NATIVE_TASKS.md) ---
+        from airflow_asyncq_provider.native.child import lane_spec
+
+        native = lane_spec(getattr(args, "loop_concurrency", None), getattr(args, "sync_threads", None),
+                           getattr(args, "native_queues", None), settings.loop_concurrency,
+                           settings.sync_threads, queues)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -79,7 +85,8 @@ def worker(args: argparse.Namespace) -> None:
 
     hostname = host_format(args.hostname or "asyncq@%h")
     sys.exit(run_worker(settings, queues, concurrency, hostname, budget=budget,
-                        serve_logs=not args.skip_serve_logs, loglevel="DEBUG" if args.verbose else "INFO"))
+                        serve_logs=not args.skip_serve_logs, loglevel="DEBUG" if args.verbose else "INFO",
+                        native=native))
 
 
 class Drain:
@@ -116,7 +123,8 @@ class Drain:
 
 
 def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, hostname: str,
-               budget: int | None = None, serve_logs: bool = True, loglevel: str = "INFO") -> int:
+               budget: int | None = None, serve_logs: bool = True, loglevel: str = "INFO",
+               native: Any = None) -> int:
     from celery import signals
 
     from airflow_asyncq_provider.celery_app import make_celery_app
@@ -162,6 +170,12 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
         target=_heartbeat_loop, name="asyncq-heartbeat", daemon=True,
         args=(stop, settings, client, runner, watchdog, hostname, queues, concurrency, forks),
     )
+    lane = None
+    if native is not None and native.enabled:  # --- native lane: a child process of its own ---
+        from airflow_asyncq_provider.native.child import LaneProcess
+
+        lane = LaneProcess(native, hostname, loglevel)
+        lane.start()
     try:
         with _serve_logs(serve_logs):  # forks: start it before any thread of ours exists
             beat.start()
@@ -181,6 +195,8 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
 
         with contextlib.suppress(Exception):
             registry.unregister(client, runner.keys, hostname)
+        if lane is not None:  # --- native lane ---
+            lane.stop(settings.worker_drain_timeout + settings.kill_grace_period)
         forks.stop()
     return drain.exit_code
 

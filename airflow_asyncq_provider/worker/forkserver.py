@@ -283,9 +283,8 @@ def _child(workload: Any, task_id: str, result_fd: int, inherited: list[int]) ->
             code = EXIT_DUPLICATE
             result = {"duplicate": True}
         except BaseException as exc:  # the supervisor itself failed: only we can say so
-            traceback.print_exc()
             code = EXIT_CRASHED
-            result = {"error": _short(exc)}
+            result = {"error": _short(exc), "traceback": traceback.format_exc()[-8000:]}
     finally:
         try:
             if result:

@@ -252,6 +252,8 @@ class WorkloadRunner:
             self._emit(task_id, events.DUPLICATE, reason="task already running elsewhere (409)")
             return events.DUPLICATE
         ok, reason = describe_exit(code, sig, result)
+        if result and result.get("traceback"):
+            log.error("Workload %s: the supervisor crashed:\n%s", task_id, result["traceback"])
         if entry.stop_reason:
             ok, reason = False, f"{entry.stop_reason} ({reason})"
         if peak:
