@@ -12,6 +12,15 @@ ARG_SKIP_SERVE_LOGS = Arg(("-s", "--skip-serve-logs"), action="store_true",
 ARG_MEMORY_BUDGET = Arg(("-m", "--memory-budget"),
                         help="Memory this worker hands out to task requests, e.g. 12GiB "
                              "(default: [asyncq] worker_memory_budget, else a fraction of memory)")
+# --- native lane (docs/NATIVE_TASKS.md) ---
+ARG_LOOP_CONCURRENCY = Arg(("--loop-concurrency",),
+                           help="async def native tasks run at once on the native lane's event loop "
+                                "(default: [asyncq] loop_concurrency; 0 with --sync-threads 0: no lane)")
+ARG_SYNC_THREADS = Arg(("--sync-threads",),
+                       help="def native tasks run at once on the native lane's threads "
+                            "(default: [asyncq] sync_threads)")
+ARG_NATIVE_QUEUES = Arg(("--native-queues",),
+                        help="Comma-separated queues the native lane consumes (default: native)")
 ARG_VERBOSE = Arg(("-v", "--verbose"), action="store_true", help="Log at DEBUG level")
 ARG_JSON = Arg(("--json",), action="store_true", help="Print JSON instead of a table")
 
@@ -27,7 +36,8 @@ ASYNCQ_COMMANDS = (
         name="worker",
         help="Start an AsyncQ worker (a Celery worker that forks Airflow workloads from a warm parent)",
         func=lazy_load_command("airflow_asyncq_provider.worker.command.worker"),
-        args=(ARG_QUEUES, ARG_CONCURRENCY, ARG_HOSTNAME, ARG_MEMORY_BUDGET, ARG_SKIP_SERVE_LOGS, ARG_VERBOSE),
+        args=(ARG_QUEUES, ARG_CONCURRENCY, ARG_HOSTNAME, ARG_MEMORY_BUDGET, ARG_SKIP_SERVE_LOGS, ARG_VERBOSE,
+              ARG_LOOP_CONCURRENCY, ARG_SYNC_THREADS, ARG_NATIVE_QUEUES),
     ),
     ActionCommand(
         name="status",

@@ -13,27 +13,8 @@ import time
 from typing import Any
 
 from airflow_asyncq_provider.cli.status import render_table
-from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
 
 _TOKEN = re.compile(r'("token"\s*:\s*")[^"]*(")')
-
-
-def _context() -> tuple[Any, Any, Any]:
-    from airflow_asyncq_provider.settings import load_settings
-    from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
-    from airflow_asyncq_provider.state.keys import Keys
-
-    try:
-        settings = load_settings()
-        client = make_redis(settings)
-        ping_or_raise(client, settings, "airflow asyncq dlq")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except BrokerUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
-    return settings, client, Keys(settings.key_prefix)
 
 
 def _pick(records: list[dict[str, Any]], index: int) -> dict[str, Any]:
@@ -48,9 +29,10 @@ def mask_payload(payload: str) -> str:
 
 
 def dlq(args: argparse.Namespace) -> None:
+    from airflow_asyncq_provider.cli.connect import connect
     from airflow_asyncq_provider.state import dlq as store
 
-    settings, client, keys = _context()
+    settings, client, keys = connect("airflow asyncq dlq")
     records = store.entries(client, keys)
     action = args.action
     if action == "list":

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
-from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
 from airflow_asyncq_provider.state.urls import mask_url
 
 # A consumer loop that has not ticked for this long is stuck, even if the heartbeat thread still runs.
@@ -74,22 +72,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
 
 def status(args: argparse.Namespace) -> None:
-    from airflow_asyncq_provider.settings import load_settings
+    from airflow_asyncq_provider.cli.connect import connect
     from airflow_asyncq_provider.state import registry
-    from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
-    from airflow_asyncq_provider.state.keys import Keys
 
-    try:
-        settings = load_settings()
-        client = make_redis(settings)
-        ping_or_raise(client, settings, "airflow asyncq status")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except BrokerUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
-    workers = registry.live_workers(client, Keys(settings.key_prefix))
+    settings, client, keys = connect("airflow asyncq status")
+    workers = registry.live_workers(client, keys)
     rows, tasks = fleet_rows(workers, time.time()), task_rows(workers)
     if args.json:
         print(json.dumps({"broker": mask_url(settings.broker_url), "workers": rows, "tasks": tasks}, indent=2))
