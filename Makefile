@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[postgres,demo,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[postgres,demo,dev,data]'
 	@touch $(STAMP)
 
 demo: install

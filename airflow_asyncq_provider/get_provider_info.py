@@ -148,6 +148,28 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "list instead of being run again.",
         "integer", "3", "3",
     ),
+    # --- native queue tasks (docs/NATIVE_TASKS.md) ---
+    "task_modules": _opt(
+        "Comma-separated modules that define native queue tasks (`@fleet.task` or `shared_task`). The "
+        "native lane of `airflow asyncq worker` imports them at start; a module that fails to import "
+        "stops the lane with its name.",
+        "string", "", "mycompany.tasks.http,mycompany.tasks.reports",
+    ),
+    "loop_concurrency": _opt(
+        "How many `async def` native tasks one worker's native lane runs at once on its event loop. "
+        "0 together with sync_threads 0: no native lane. `--loop-concurrency` overrides it.",
+        "integer", "0", "500",
+    ),
+    "sync_threads": _opt(
+        "How many plain `def` native tasks one worker's native lane runs at once, each on its own "
+        "thread. `--sync-threads` overrides it.",
+        "integer", "0", "8",
+    ),
+    "result_expires": _opt(
+        "Seconds a native task's result (or failure with its traceback) is kept in Redis for the "
+        "QueueTaskOperator to collect.",
+        "integer", "86400", "86400",
+    ),
 }
 
 

@@ -51,6 +51,11 @@ class AsyncQSettings:
     worker_drain_timeout: float = 60.0
     event_retry_timeout: float = 300.0
     max_deliveries: int = 3
+    # native queue tasks (docs/NATIVE_TASKS.md)
+    task_modules: tuple[str, ...] = ()
+    loop_concurrency: int = 0
+    sync_threads: int = 0
+    result_expires: int = 86_400
 
 
 def _fix_hint(key: str) -> str:
@@ -75,6 +80,14 @@ def _size(key: str, raw: str, optional: bool = False) -> int | None:
     if optional and not raw.strip():
         return None
     return parse_size(raw, f"[{SECTION}] {key} ({_fix_hint(key)})")
+
+
+def _module_list(key: str, raw: str) -> tuple[str, ...]:
+    modules = tuple(m.strip() for m in raw.split(",") if m.strip())
+    for module in modules:
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise ConfigError(f"[{SECTION}] {key}: {module!r} is not a dotted module name; {_fix_hint(key)}")
+    return modules
 
 
 def validate_queue_name(name: str, source: str) -> str:
@@ -142,6 +155,11 @@ def load_settings(conf: ConfigSource | None = None) -> AsyncQSettings:
         worker_drain_timeout=_number("worker_drain_timeout", raw("worker_drain_timeout"), float, 0, True),
         event_retry_timeout=_number("event_retry_timeout", raw("event_retry_timeout"), float, 0),
         max_deliveries=_number("max_deliveries", raw("max_deliveries"), int, 0),
+        # native queue tasks
+        task_modules=_module_list("task_modules", raw("task_modules")),
+        loop_concurrency=_number("loop_concurrency", raw("loop_concurrency"), int, 0, True),
+        sync_threads=_number("sync_threads", raw("sync_threads"), int, 0, True),
+        result_expires=_number("result_expires", raw("result_expires"), int, 0),
     )
     if settings.worker_memory_fraction > 1:
         raise ConfigError(f"[{SECTION}] worker_memory_fraction must be at most 1, got "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 import statistics
 import threading
 import time
@@ -118,6 +119,34 @@ def run_figures(dag_run: dict[str, Any], tis: list[dict[str, Any]]) -> dict[str,
         "max_in_flight": max_overlap([(ti.get("queued_when"), ti.get("end_date")) for ti in tis]),
         "max_running": max_overlap([(ti.get("start_date"), ti.get("end_date")) for ti in tis]),
         "latencies_s": [round(x, 3) for x in latencies],
+    }
+
+
+SUPERVISOR_DONE = re.compile(r"^(\S+Z) .*Workload finished .*workload_id=([0-9a-f-]{36})")
+
+
+def supervisor_tail(log_path: str, tis: list[dict[str, Any]]) -> dict[str, Any]:
+    """How long each task's supervisor lived on after its TI ended (all executors log the same line).
+
+    The TI's end_date is written by the task process through the Execution API; the executor frees the
+    slot only when the supervisor process (``supervise_task``) returns, which the supervisor logs as
+    "Workload finished ... workload_id=<ti id>".
+    """
+    ends = {ti.get("id"): parse_ts(ti.get("end_date")) for ti in tis}
+    tails = []
+    try:
+        with open(log_path, errors="replace") as fh:
+            for line in fh:
+                match = SUPERVISOR_DONE.search(line)
+                end = ends.get(match.group(2)) if match else None
+                if match and end is not None:
+                    tails.append((parse_ts(match.group(1)) - end).total_seconds())  # type: ignore[operator]
+    except OSError:
+        pass
+    return {
+        "supervisor_tail_count": len(tails),
+        "supervisor_tail_median_s": median(tails),
+        "supervisor_tail_over_4s": sum(1 for t in tails if t > 4),
     }
 
 

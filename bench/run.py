@@ -64,6 +64,20 @@ def recreate_database(spec: ExecutorSpec) -> None:
     conn.close()
 
 
+def reset_runs(spec: ExecutorSpec) -> None:
+    """Forget earlier runs, so a new scheduler has nothing to adopt or re-queue from a run cut short."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=spec.database)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM dag_run")  # task instances go with their run (ON DELETE CASCADE)
+        cur.execute("SELECT to_regclass('celery_taskmeta')")
+        if cur.fetchone()[0]:
+            cur.execute("DELETE FROM celery_taskmeta")
+    conn.close()
+
+
 def flush_redis(spec: ExecutorSpec) -> None:
     assert spec.redis_db in (10, 11, 12), "the benchmark owns Redis DBs 10-12 only"
     client = redis.Redis(host="127.0.0.1", port=6379, db=spec.redis_db)
@@ -85,6 +99,7 @@ def versions(spec: ExecutorSpec) -> dict[str, str]:
 def run_once(spec: ExecutorSpec, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
     home = args.home / f"{spec.name}-{repeat}"
     shutil.rmtree(home, ignore_errors=True)
+    reset_runs(spec)
     flush_redis(spec)
     result: dict[str, Any] = {
         "executor": spec.name,
@@ -106,6 +121,8 @@ def run_once(spec: ExecutorSpec, repeat: int, args: argparse.Namespace) -> dict[
         result["idle_pss_mib"] = idle["pss_mib"]
         result["idle_pss_samples_mib"] = idle["samples_mib"]
         result["idle_pss_processes"] = idle["processes"]
+        # An "idle" tree that holds a task supervisor is running leftovers: the PSS figure is wrong.
+        result["idle_supervisors"] = sum("supervisor" in p["cmd"] for p in idle["processes"])
         result["worker_tree_is"] = "scheduler" if root == stack.procs["scheduler"].pid else "worker"
         result["scheduler_idle_pss_mib"] = measure.tree_pss(stack.procs["scheduler"].pid)["pss_mib"]
         result["loadavg_at_trigger"] = [round(x, 2) for x in os.getloadavg()]
@@ -118,11 +135,22 @@ def run_once(spec: ExecutorSpec, repeat: int, args: argparse.Namespace) -> dict[
         dag_run = stack.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
         tis = stack.task_instances(DAG_ID, run_id)
         result.update(measure.run_figures(dag_run, tis))
+        supervisor_log = stack.logs / (
+            "worker.log" if result["worker_tree_is"] == "worker" else "scheduler.log"
+        )
+        result.update(measure.supervisor_tail(str(supervisor_log), tis))
         end = measure.parse_ts(dag_run.get("end_date"))
         result["trigger_to_end_s"] = round(end.timestamp() - triggered, 3) if end else None
-        result["ok"] = dag_run.get("state") == "success" and result["ti_states"] == {"success": args.n}
+        result["ok"] = (
+            dag_run.get("state") == "success"
+            and result["ti_states"] == {"success": args.n}
+            and not result["idle_supervisors"]
+        )
         if not result["ok"]:
-            result["error"] = f"run state {dag_run.get('state')}, task states {result['ti_states']}"
+            result["error"] = (
+                f"run state {dag_run.get('state')}, task states {result['ti_states']}, "
+                f"{result['idle_supervisors']} task supervisor(s) in the idle worker tree"
+            )
     except Exception as exc:
         result["ok"] = False
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -165,6 +193,8 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         "ti_runtime_median_s",
         "max_in_flight",
         "max_running",
+        "supervisor_tail_median_s",
+        "supervisor_tail_over_4s",
     )
     per_executor: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -211,6 +241,8 @@ def table(summary: dict[str, Any], names: list[str]) -> str:
         ("TI start->end median (s)", "ti_runtime_median_s", 2, True),
         ("max TIs queued+running at once", "max_in_flight", 0, False),
         ("max TIs running at once", "max_running", 0, False),
+        ("TI end -> supervisor exit median (s)", "supervisor_tail_median_s", 2, False),
+        ("supervisors exiting > 4 s after TI end", "supervisor_tail_over_4s", 0, False),
         ("idle worker tree PSS (MiB)*", "idle_pss_mib", 0, True),
         ("peak worker tree PSS in run (MiB)*", "peak_pss_mib", 0, True),
         ("idle scheduler tree PSS (MiB)", "scheduler_idle_pss_mib", 0, True),
@@ -251,6 +283,25 @@ def table(summary: dict[str, Any], names: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- main
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+
+def export_code(rev: str, dest: Path) -> str:
+    """``git archive`` the provider package at ``rev`` into ``dest``; returns the full commit id."""
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"error: --code {rev!r} is not a commit of {REPO}")
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "airflow_asyncq_provider"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="mapped task instances per run (default 100)")
@@ -277,6 +328,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="AIRFLOW_HOMEs and logs of every run (wiped at start)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--code",
+        metavar="REV",
+        help="measure airflow_asyncq_provider as committed at git revision REV (e.g. HEAD) instead of "
+        "the working tree: it is exported under --home and put first on every component's PYTHONPATH, "
+        "so edits made while the benchmark runs cannot change what it measures",
+    )
     parser.add_argument(
         "--env",
         action="append",
@@ -305,8 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     specs = [EXECUTORS[n] for n in args.names]
     if "celery" in args.names:
         ensure_celery_venv()
+    marker = args.home / ".asyncq-bench"
+    if args.home.exists() and any(args.home.iterdir()) and not marker.exists():
+        raise SystemExit(f"error: --home {args.home} exists and was not made by bench/run.py; not wiping it")
     shutil.rmtree(args.home, ignore_errors=True)
     args.home.mkdir(parents=True)
+    marker.touch()
+    code = {
+        "commit_at_start": git("rev-parse", "HEAD"),
+        "working_tree_changes": git("status", "--porcelain", "--", "airflow_asyncq_provider", "devtools"),
+    }
+    if args.code:
+        code["measured"] = export_code(args.code, args.home / "src")
+        args.extra_env["PYTHONPATH"] = str(args.home / "src")
+        log(f"measuring airflow_asyncq_provider at {code['measured']} (exported to {args.home / 'src'})")
+    else:
+        code["measured"] = "working tree"
     for spec in specs:
         log(f"preparing database {spec.database} and Redis DB {spec.redis_db} for {spec.label}")
         recreate_database(spec)
@@ -337,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, "bench/run.py", *(argv or sys.argv[1:])]),
-            "git_commit": subprocess.run(
-                ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
+            "code": {**code, "commit_at_end": git("rev-parse", "HEAD")},
             "machine": {
                 "cpus": os.cpu_count(),
                 "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from devtools.stack import ASYNCQ_EXECUTOR, Stack
+from devtools.stack import ASYNCQ_EXECUTOR, TERMINAL_RUN_STATES, Stack
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DAGS = REPO / "bench" / "dags"
@@ -108,6 +108,7 @@ class BenchStack(Stack):
         return subprocess.run(
             [str(self.spec.airflow), *args],
             env=self.env,
+            cwd=self.home,
             check=check,
             timeout=timeout,
             capture_output=True,
@@ -119,6 +120,7 @@ class BenchStack(Stack):
             proc = subprocess.Popen(
                 [str(self.spec.airflow), *args],
                 env={**self.env, **(env or {})},
+                cwd=self.home,  # not the repo: `python -m` children put their cwd first on sys.path
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -160,6 +162,21 @@ class BenchStack(Stack):
         # LocalExecutor forks its `parallelism` worker processes when the scheduler starts its executor.
         scheduler = psutil.Process(self.procs["scheduler"].pid)
         return len(scheduler.children()) >= 1
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
+        """Like Stack.wait_run, but one slow answer (a busy api-server on a loaded machine) is not fatal."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                state = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            except (OSError, RuntimeError):  # socket timeout, refused connection, HTTP 5xx
+                time.sleep(1)
+                continue
+            if state in TERMINAL_RUN_STATES:
+                return state
+            time.sleep(1)
+        raise TimeoutError(f"run {dag_id}/{run_id} did not finish within {timeout} s")
 
     # ------------------------------------------------------------ cleanup
     def strays(self) -> list[psutil.Process]:

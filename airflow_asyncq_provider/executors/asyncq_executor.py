@@ -279,6 +279,9 @@ class AsyncQExecutor(BaseExecutor):
 
     # ---------------------------------------------------------------- outcomes
     def _track(self, key: Any, tracked: Tracked) -> None:
+        previous = self._tracked.get(key)
+        if previous is not None:  # a deferred task resumed: its old workload's events are not news
+            self._keys_by_id.pop(previous.task_id, None)
         self._tracked[key] = tracked
         self._keys_by_id[tracked.task_id] = key
 
@@ -334,7 +337,9 @@ class AsyncQExecutor(BaseExecutor):
         key = self._keys_by_id.get(task_id)
         if key is None:
             return  # not ours (another scheduler's, or already finished)
-        tracked = self._tracked[key]
+        tracked = self._tracked.get(key)
+        if tracked is None or tracked.task_id != task_id:
+            return  # an earlier workload of the same key (e.g. before it deferred)
         if info.get("hostname") and kind != events.DUPLICATE:  # the dropping worker is not the runner
             tracked.hostname = info["hostname"]
         if kind == events.RECEIVED:

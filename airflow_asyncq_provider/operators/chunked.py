@@ -231,6 +231,11 @@ class ChunkedFileOperator(BaseOperator):
             start, index = h_end, 0
             while start < size:
                 end = chunking.find_record_end(fh, start, start + chunk_bytes - 1, size, reader.layout)
+                if end - start - chunk_bytes + 1 > sizing.max_chunk_bytes:
+                    raise ChunkPlanningError(
+                        f"{self.path}: the record ending at byte {end} is longer than "
+                        f"{sizing.max_chunk_bytes} bytes, the most one chunk may hold under memory_budget "
+                        f"{human_size(budget)}; raise memory_budget")
                 chunk = Chunk(path=self.path, format=reader.layout.format, index=index, count=0,
                               start=start, end=end, header_end=h_end)
                 part = reader.read(fh, chunk, columns)

@@ -43,6 +43,7 @@ BASE_PRELOAD = (
     "airflow.sdk",
     "airflow.sdk.execution_time.supervisor",
     "airflow.sdk.execution_time.task_runner",
+    "airflow.dag_processing.dagbag",  # every task parses its DAG file: import the parser once
 )
 
 
@@ -95,6 +96,9 @@ class ForkServer:
         from pydantic import TypeAdapter
 
         self._decoder = TypeAdapter(ExecutorWorkload)
+        from airflow_asyncq_provider.worker.compat import shorten_exit_detection
+
+        shorten_exit_detection()  # patched once here, inherited by every fork
         if threading.active_count() != 1:
             print(f"asyncq fork server: {threading.active_count()} threads after preload; forking "
                   "may deadlock", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Triggers of the AsyncQ provider (they run on Airflow's triggerer)."""

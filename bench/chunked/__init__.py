@@ -1,0 +1,1 @@
+"""Benchmarks of the chunked operators (docs/BENCHMARKS.md, "Chunked operators")."""
