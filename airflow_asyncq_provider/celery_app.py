@@ -1,6 +1,6 @@
 """The fleet's Celery app, shared by the executor (publishing) and the workers (consuming).
 
-JSON is the only accepted content type, so a pickle message is refused before any code runs.
+JSON is the only accepted content type, so a Python-serialized message is refused before any code runs.
 """
 
 from __future__ import annotations

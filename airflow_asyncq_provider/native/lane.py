@@ -17,7 +17,7 @@ import sys
 import threading
 import traceback
 
-from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
+from airflow_asyncq_provider.errors import ConfigError
 from airflow_asyncq_provider.native.keys import NATIVE_QUEUE, NativeKeys
 
 log = logging.getLogger("airflow_asyncq_provider.native.lane")
@@ -81,16 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     from celery.utils.nodenames import host_format
 
+    from airflow_asyncq_provider.cli.connect import redis_or_exit
     from airflow_asyncq_provider.native import registry
-    from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
     from airflow_asyncq_provider.state.urls import mask_url
 
-    client = make_redis(settings)
-    try:
-        ping_or_raise(client, settings, "native lane")
-    except BrokerUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+    client = redis_or_exit(settings, "native lane")  # exits 3 (EXIT_BROKER) when Redis is down
     hostname = host_format(args.hostname)
     fleet.set_current()
     fleet.set_default()

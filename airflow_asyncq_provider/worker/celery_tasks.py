@@ -78,7 +78,7 @@ def register_tasks(app: Celery, runner: WorkloadRunner) -> None:
 
     @signals.task_rejected.connect(weak=False)
     def _on_rejected(message: Any = None, exc: Any = None, **_: Any) -> None:
-        # A pickle body, an unknown content type, or a body Celery cannot decode.
+        # A Python-serialized body, an unknown content type, or a body Celery cannot decode.
         runner.dead_letter(_message_id(message), f"message refused by Celery: {exc!r}",
                            _raw_body(message))
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from airflow_asyncq_provider import __version__
-from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
+from airflow_asyncq_provider.errors import ConfigError
 from airflow_asyncq_provider.settings import AsyncQSettings, load_settings, validate_queue_name
 from airflow_asyncq_provider.state.urls import mask_secrets, mask_url
 
@@ -128,9 +128,9 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
     from celery import signals
 
     from airflow_asyncq_provider.celery_app import make_celery_app
+    from airflow_asyncq_provider.cli.connect import redis_or_exit
     from airflow_asyncq_provider.memory.admission import Admission, detect_budget
     from airflow_asyncq_provider.memory.watchdog import Watchdog
-    from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
     from airflow_asyncq_provider.worker.celery_tasks import register_tasks
     from airflow_asyncq_provider.worker.forkclient import ForkClient, ForkServerError
     from airflow_asyncq_provider.worker.runner import WorkloadRunner
@@ -138,12 +138,7 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
     logging.basicConfig(level=loglevel, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SecretsFilter())
-    client = make_redis(settings)
-    try:
-        ping_or_raise(client, settings, "airflow asyncq worker")
-    except BrokerUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+    client = redis_or_exit(settings, "airflow asyncq worker")  # exits 3 (EXIT_BROKER) when Redis is down
     forks = ForkClient(settings.fork_preload_modules)
     try:
         forks.start()
