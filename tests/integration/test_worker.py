@@ -273,6 +273,7 @@ def test_status_json_lists_the_live_worker(fleet):
     assert report["broker"] == REDIS_URL
     (row,) = [w for w in report["workers"] if w["worker"] == fleet.hostname]
     assert row["queues"] == fleet.queue and row["slots"] == 2 and row["free"] == 2
+    assert row["health"] == "ok"
     assert 0 <= row["heartbeat_age_s"] < 5 * HEARTBEAT
     assert row["version"] == "0.1.0"
 
@@ -282,6 +283,6 @@ def test_status_table_lists_the_live_worker(fleet):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"broker: {REDIS_URL}"
-    assert lines[1].split()[:3] == ["WORKER", "QUEUES", "SLOTS"]
+    assert lines[1].split()[:4] == ["WORKER", "HEALTH", "QUEUES", "SLOTS"]
     (row,) = [line for line in lines if line.startswith(fleet.hostname)]
-    assert row.split()[1:3] == [fleet.queue, "2"]
+    assert row.split()[1:4] == ["ok", fleet.queue, "2"]

@@ -55,6 +55,14 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     from airflow_asyncq_provider.settings import load_settings
 
     fleet.conf.update(native_config(load_settings()))
+    # An earlier test in this process (the eager unit test) may already have built the app's result
+    # backend, connection pool and producer pool from the default settings. Celery caches all three
+    # (celery/app/base.py: backend, pool, amqp), so drop them and let the new settings build fresh ones.
+    fleet.close()
+    fleet._pool = None
+    vars(fleet).pop("amqp", None)
+    vars(fleet._local).pop("backend", None)
+    fleet._backend_cache = None
     wait_for(lambda: client.hexists(f"{prefix}:native:tasks", "t.sleep") or proc.poll() is not None, 60,
              "the lane to register its tasks")
     assert proc.poll() is None, (home / "lane.log").read_text()[-3000:]
