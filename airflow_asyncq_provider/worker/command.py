@@ -139,7 +139,8 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
     for handler in logging.getLogger().handlers:
         handler.addFilter(SecretsFilter())
     client = redis_or_exit(settings, "airflow asyncq worker")  # exits 3 (EXIT_BROKER) when Redis is down
-    forks = ForkClient(settings.fork_preload_modules)
+    _import_worker_modules(serve_logs)
+    forks = ForkClient(settings.fork_preload_modules, fork_here=True)
     try:
         forks.start()
     except ForkServerError as exc:
@@ -172,7 +173,7 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
         lane = LaneProcess(native, hostname, loglevel)
         lane.start()
     try:
-        with _serve_logs(serve_logs):  # forks: start it before any thread of ours exists
+        with _serve_logs(serve_logs):
             beat.start()
             watchdog.start()
             # app.start, not worker_main: worker_main drops Celery's own exit code.
@@ -194,6 +195,23 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
             lane.stop(settings.worker_drain_timeout + settings.kill_grace_period)
         forks.stop()
     return drain.exit_code
+
+
+def _import_worker_modules(serve_logs: bool) -> None:
+    """Import what the Celery worker and the log server need before the fork server is forked.
+
+    Pages imported before the fork are shared by the worker and the fork server, so each carries
+    half of them in PSS; imported after, the worker pays them alone.
+    """
+    import celery.apps.worker
+    import celery.concurrency.thread
+    import celery.worker.consumer  # noqa: F401
+
+    if serve_logs:
+        import uvicorn  # noqa: F401
+        from airflow.utils.serve_logs.log_server import get_app
+
+        get_app()
 
 
 def _heartbeat_loop(stop: threading.Event, settings: AsyncQSettings, client: Any, runner: Any,
@@ -226,17 +244,29 @@ def _heartbeat_loop(stop: threading.Event, settings: AsyncQSettings, client: Any
 
 @contextlib.contextmanager
 def _serve_logs(enabled: bool) -> Iterator[None]:
-    """Serve running tasks' logs on [logging] worker_log_server_port, as Celery workers do."""
+    """Serve running tasks' logs on [logging] worker_log_server_port, as Celery workers do.
+
+    Airflow's log server app runs on a thread of this process, not as an ``airflow serve-logs`` child:
+    the child cost 70 MiB PSS at idle, the thread about 8 MiB (docs/BENCHMARKS.md). Uvicorn installs
+    no signal handlers off the main thread, so Celery keeps its own.
+    """
     if not enabled:
         yield
         return
-    from multiprocessing import get_context
+    import uvicorn
+    from airflow.configuration import conf
+    from airflow.utils.serve_logs.log_server import get_app
 
-    from airflow.utils.serve_logs import serve_logs
-
-    proc = get_context("fork").Process(target=serve_logs, name="asyncq-serve-logs", daemon=True)
-    proc.start()
+    port = conf.getint("logging", "worker_log_server_port")
+    server = uvicorn.Server(uvicorn.Config(
+        get_app(), host="", port=port, log_config=None, access_log=False,
+        log_level=conf.get("logging", "uvicorn_logging_level", fallback="info").lower(),
+    ))
+    thread = threading.Thread(target=server.run, name="asyncq-serve-logs", daemon=True)
+    thread.start()
+    log.info("Serving task logs on port %d ([logging] worker_log_server_port)", port)
     try:
         yield
     finally:
-        proc.terminate()
+        server.should_exit = True
+        thread.join(5)

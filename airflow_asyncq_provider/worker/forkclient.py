@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any
 
 from airflow_asyncq_provider.errors import AsyncQError
@@ -46,13 +50,56 @@ class Child:
         return json.loads(line)["exit"]
 
 
+class ForkedServer:
+    """The part of ``subprocess.Popen`` that ForkClient uses, for a fork server forked from this process."""
+
+    def __init__(self, pid: int, lifeline: int) -> None:
+        self.pid = pid
+        self.stdin = os.fdopen(lifeline, "wb")  # closing it is the server's stop signal, as with Popen
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: it is gone either way
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"fork server {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.wait(10)
+
+
 class ForkClient:
-    def __init__(self, preload: tuple[str, ...] = (), start_timeout: float = 120.0) -> None:
+    """``fork_here``: the first start forks the server from this process instead of running ``python -m``.
+
+    The worker imports most of Airflow before it starts the server. Forked, the server shares those
+    pages with the worker, and the PSS of the pair drops by about what the worker imported (see
+    docs/BENCHMARKS.md). Forking is only safe while this process has one thread, so a restart after a
+    crash, when Celery's threads run, always spawns a fresh interpreter.
+    """
+
+    def __init__(self, preload: tuple[str, ...] = (), start_timeout: float = 120.0,
+                 fork_here: bool = False) -> None:
         self._dir = tempfile.mkdtemp(prefix="asyncq-fork-")
         self.socket_path = os.path.join(self._dir, "fork.sock")
         self._preload = preload
         self._start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._fork_here = fork_here
+        self._proc: subprocess.Popen[bytes] | ForkedServer | None = None
         self._lock = threading.Lock()
 
     @property
@@ -66,11 +113,18 @@ class ForkClient:
     def _start_locked(self) -> None:
         # stdin stays a pipe we never write to: when this process dies, the server reads EOF and
         # kills the workloads it forked, so nothing runs on without a worker that reports it.
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "airflow_asyncq_provider.worker.forkserver", self.socket_path,
-             ",".join(self._preload)],
-            stdin=subprocess.PIPE,
-        )
+        if self._fork_here and self._proc is None and threading.active_count() == 1:
+            self._proc = self._fork()
+            log.info("Fork server forked from the worker (pid %d), sharing its imports", self._proc.pid)
+        else:
+            if self._fork_here and self._proc is None:
+                log.warning("%d threads run in the worker, so the fork server starts as a fresh "
+                            "interpreter; the worker's imports are not shared", threading.active_count())
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "airflow_asyncq_provider.worker.forkserver", self.socket_path,
+                 ",".join(self._preload)],
+                stdin=subprocess.PIPE,
+            )
         deadline = time.monotonic() + self._start_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -81,6 +135,34 @@ class ForkClient:
             except OSError:
                 time.sleep(0.05)
         raise ForkServerError(f"fork server did not answer within {self._start_timeout:.0f} s")
+
+    def _fork(self) -> ForkedServer:
+        from airflow_asyncq_provider.worker import forkserver
+
+        # Import the server's modules here first: pages imported before the fork are shared by both
+        # processes, so the worker carries them at half their PSS instead of the server at full.
+        forkserver.import_preloads(list(self._preload))
+        lifeline_r, lifeline_w = os.pipe()
+        # Freeze what is imported now, so that neither side's collector writes to (and so copies) the
+        # shared pages. https://docs.python.org/3/library/gc.html#gc.freeze
+        gc.collect()
+        gc.freeze()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the fork server: never return into the worker's code
+            code = 1
+            try:
+                os.close(lifeline_w)
+                os.dup2(lifeline_r, 0)
+                os.close(lifeline_r)
+                forkserver.run(self.socket_path, list(self._preload))
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(lifeline_r)
+        return ForkedServer(pid, lifeline_w)
 
     def _request(self, message: dict[str, Any]) -> socket.socket:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

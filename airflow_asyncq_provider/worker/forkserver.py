@@ -4,6 +4,8 @@ Every Airflow workload runs in a child forked from it, so a workload starts in m
 the parent's frozen heap copy-on-write, instead of paying a fresh interpreter's imports (about 3 s and
 120 MB here) or keeping an idle prefork child per slot. It is a separate process, not the Celery
 worker, because forking a process that runs threads can deadlock on locks held by the other threads.
+The worker forks it at start, while the worker is still single-threaded, so the Airflow modules the
+worker had already imported are shared by both (see ForkClient); a restart later runs ``python -m``.
 
 Protocol: one Unix-socket connection per workload, JSON lines.
   request   {"id": "<task id>", "payload": "<workload JSON>"}
@@ -47,6 +49,15 @@ BASE_PRELOAD = (
 )
 
 
+def import_preloads(extra: list[str]) -> None:
+    for name in (*BASE_PRELOAD, *extra):
+        try:
+            importlib.import_module(name)
+        except Exception:  # one bad optional preload must not take the worker down
+            print(f"asyncq fork server: could not preload {name!r}:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+
+
 def encode_supervisor_return(code: int) -> int:
     """``supervise_task`` returns the task process' exit code, negative for a signal."""
     if code < 0:
@@ -86,12 +97,7 @@ class ForkServer:
         self._sigchld_r, self._sigchld_w = os.pipe()
 
     def preload(self, extra: list[str]) -> None:
-        for name in (*BASE_PRELOAD, *extra):
-            try:
-                importlib.import_module(name)
-            except Exception:  # one bad optional preload must not take the worker down
-                print(f"asyncq fork server: could not preload {name!r}:\n{traceback.format_exc()}",
-                      file=sys.stderr, flush=True)
+        import_preloads(extra)
         from airflow.executors.workloads import ExecutorWorkload
         from pydantic import TypeAdapter
 
@@ -299,14 +305,16 @@ def _child(workload: Any, task_id: str, result_fd: int, inherited: list[int]) ->
             os._exit(code)
 
 
-def main() -> None:
-    socket_path = sys.argv[1]
-    extra = [m for m in sys.argv[2].split(",") if m] if len(sys.argv) > 2 else []
+def run(socket_path: str, extra: list[str]) -> None:
     started = time.monotonic()
     server = ForkServer(socket_path)
     server.preload(extra)
     print(f"asyncq fork server preloaded in {time.monotonic() - started:.2f}s", flush=True)
     server.serve()
+
+
+def main() -> None:
+    run(sys.argv[1], [m for m in sys.argv[2].split(",") if m] if len(sys.argv) > 2 else [])
 
 
 if __name__ == "__main__":

@@ -133,6 +133,17 @@ def test_worker_registers_with_its_queues_and_slots(fleet):
     assert info["version"] == "0.1.0"
 
 
+def test_fork_server_is_forked_from_the_worker(fleet):
+    """Forked, not spawned: it shares the worker's imported pages (docs/BENCHMARKS.md, memory)."""
+    import psutil
+
+    info = registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]
+    server = psutil.Process(info["forkserver_pid"])
+    assert server.ppid() == fleet.worker.proc.pid
+    assert "airflow_asyncq_provider.worker.forkserver" not in " ".join(server.cmdline())
+    assert "Fork server forked from the worker" in fleet.worker.output()
+
+
 def test_malformed_message_is_dead_lettered(fleet):
     task_id = fleet.send("not json")
     entry = fleet.wait_dead_letter(task_id)
@@ -209,6 +220,24 @@ def test_revoked_before_start_never_starts(fleet):
 
 def test_executor_to_worker_round_trip(fleet, monkeypatch, make_workload):
     """Executor -> Redis -> worker -> fork server -> supervisor -> event stream -> executor."""
+    _round_trip(fleet, monkeypatch, make_workload)
+
+
+def test_a_killed_fork_server_is_replaced_by_a_fresh_interpreter(fleet, monkeypatch, make_workload):
+    """The worker has threads by now, so it must not fork again: the new server is ``python -m``."""
+    import psutil
+
+    old = registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]["forkserver_pid"]
+    psutil.Process(old).kill()
+    _round_trip(fleet, monkeypatch, make_workload)
+    wait_for(lambda: registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]["forkserver_pid"] != old,
+             5 * HEARTBEAT, "a heartbeat naming the new fork server")
+    new = psutil.Process(registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]["forkserver_pid"])
+    assert "airflow_asyncq_provider.worker.forkserver" in " ".join(new.cmdline())
+    assert "Fork server is gone" in fleet.worker.output()
+
+
+def _round_trip(fleet, monkeypatch, make_workload) -> None:
     from airflow.utils.state import TaskInstanceState
 
     from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
