@@ -28,6 +28,19 @@ def health(info: dict[str, Any], now: float) -> str:
     return "ok" if tick else "starting"
 
 
+def native_lane(info: dict[str, Any]) -> str:
+    """The worker's native lane in a word or three: "-" when it runs none."""
+    lane = info.get("native")
+    if not isinstance(lane, dict):
+        return "-"
+    restarts = int(lane.get("restarts") or 0)
+    suffix = f", {restarts} restart(s)" if restarts else ""
+    if lane.get("gave_up"):
+        return f"down, gave up{suffix}"
+    state = "ok" if lane.get("alive") else "down"
+    return f"{state} {lane.get('loop_concurrency', 0)}+{lane.get('sync_threads', 0)}{suffix}"
+
+
 def fleet_rows(workers: dict[str, dict[str, Any]], now: float) -> list[dict[str, Any]]:
     rows = []
     for name, info in sorted(workers.items()):
@@ -46,6 +59,7 @@ def fleet_rows(workers: dict[str, dict[str, Any]], now: float) -> list[dict[str,
             "heartbeat_age_s": round(now - beat, 1) if beat else None,
             "up_s": round(now - started) if started else None,
             "version": info.get("version"),
+            "native": native_lane(info),
         })
     return rows
 

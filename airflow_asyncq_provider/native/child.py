@@ -8,6 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from typing import Any
 
 from airflow_asyncq_provider.errors import ConfigError
 from airflow_asyncq_provider.native.keys import NATIVE_QUEUE
@@ -52,12 +55,23 @@ def lane_spec(loop_concurrency: int | None, sync_threads: int | None, native_que
     return LaneSpec(values[0], values[1], queues)
 
 
+# A lane that dies is restarted, but not in a crash loop: after this many restarts inside the window
+# the worker stops trying and says so in its log and in `airflow asyncq status`.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
+
+
 class LaneProcess:
     def __init__(self, spec: LaneSpec, hostname: str, loglevel: str = "INFO") -> None:
         self.spec = spec
         self.hostname = f"{hostname}-native"
         self.loglevel = loglevel
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.gave_up = False
+        self._recent: list[float] = []
+        self._stopping = False
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "airflow_asyncq_provider.native.lane",
@@ -77,8 +91,39 @@ class LaneProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def supervise(self) -> None:
+        """Restart a lane that exited on its own; the worker's heartbeat thread calls this.
+
+        Messages the dead lane had fetched but not started are unacknowledged and come back after
+        ``visibility_timeout``; tasks it had started are lost with it (acks on start, see app.py).
+        """
+        with self._lock:
+            if self.proc is None or self._stopping or self.gave_up or self.proc.poll() is None:
+                return
+            now = time.monotonic()
+            self._recent = [t for t in self._recent if now - t < RESTART_WINDOW_S]
+            if len(self._recent) >= MAX_RESTARTS:
+                self.gave_up = True
+                log.error("native lane %s exited with code %s and was restarted %d times in %.0f s; not "
+                          "restarting it again. Its log lines above say why; restart the worker once fixed.",
+                          self.hostname, self.proc.returncode, len(self._recent), RESTART_WINDOW_S)
+                return
+            log.error("native lane %s exited with code %s; restarting it", self.hostname,
+                      self.proc.returncode)
+            self._recent.append(now)
+            self.restarts += 1
+            self.start()
+
+    def status(self) -> dict[str, Any]:
+        """What the registry heartbeat publishes about this lane (shown by `airflow asyncq status`)."""
+        return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts, "gave_up": self.gave_up,
+                "loop_concurrency": self.spec.loop_concurrency, "sync_threads": self.spec.sync_threads,
+                "queues": list(self.spec.queues)}
+
     def stop(self, timeout: float) -> int | None:
         """SIGTERM (Celery's warm shutdown: running tasks finish), then SIGKILL after ``timeout``."""
+        with self._lock:
+            self._stopping = True
         if self.proc is None:
             return None
         if self.proc.poll() is None:

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,14 @@ class SyncJob:
         with self.lock:
             self.in_body = False
 
+    def terminate(self) -> bool:
+        """``revoke(terminate=True)``: raise ``Terminated`` in the task code, if it is running now."""
+        with self.lock:
+            if not self.in_body or self.thread_id is None:
+                return False
+            self.raised += 1
+            return raise_in_thread(self.thread_id, Terminated)
+
     def absorb(self) -> None:
         """Swallow a limit raised just as the body ended (it is delivered at a later bytecode)."""
         if not self.raised:
@@ -67,7 +75,7 @@ class SyncJob:
         try:
             for _ in range(1000):
                 pass
-        except (SoftTimeLimitExceeded, TimeLimitExceeded):
+        except (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated):
             pass
 
     def check(self, now: float) -> None:

@@ -35,7 +35,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.serialization import loads, prepare_accept_content
 
 from airflow_asyncq_provider.native.limits import AsyncJob, LimitWatch, SyncJob
-from airflow_asyncq_provider.native.task import CURRENT_REQUEST, HANDOFF, is_coroutine_task
+from airflow_asyncq_provider.native.task import CURRENT_REQUEST, HANDOFF, await_body, is_coroutine_task
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,22 @@ FINISHER_THREADS = 4
 
 
 class ApplyResult:
-    def __init__(self, future: Future[Any]) -> None:
+    """What Celery's request keeps (a weak reference) to terminate one running job on a revoke.
+
+    ``revoke(terminate=True)`` ends here through ``Request.terminate``: a coroutine is cancelled at its
+    next ``await``; a ``def`` task gets ``Terminated`` raised in its thread while it runs task code.
+    Celery has already recorded the task as revoked by then.
+    """
+
+    def __init__(self, future: Future[Any], job: SyncJob | None = None) -> None:
         self.f = future
+        self.job = job
+
+    def terminate(self, signum: int | None = None) -> None:
+        if self.job is not None:
+            self.job.terminate()
+        else:
+            self.f.cancel()  # run_coroutine_threadsafe's future: cancels the asyncio task
 
     def get(self, timeout: float | None = None) -> Any:
         return self.f.result(timeout)
@@ -121,6 +135,7 @@ class NativePool(BasePool):
         self.idle = threading.Event()
         self.idle.set()
         self._lock = threading.Lock()
+        self._running: set[ApplyResult] = set()
 
     # ---------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -174,10 +189,19 @@ class NativePool(BasePool):
         if task is not None and is_coroutine_task(task):
             future = self.loop_thread.submit(self._run_coroutine(
                 task, target, args, kwargs, callback, accept_callback, timeout_callback, soft_timeout, timeout))
+            result = ApplyResult(future)
         else:
             job = SyncJob(soft_timeout, timeout, timeout_callback)
             future = self.threads.submit(self._run_sync, job, target, args, kwargs, callback, accept_callback)
-        return ApplyResult(future)
+            result = ApplyResult(future, job)
+        # Celery's request holds the result weakly: keep it alive while the job runs.
+        self._running.add(result)
+        future.add_done_callback(lambda _f: self._running.discard(result))
+        return result
+
+    def terminate_job(self, pid: int, signal: Any = None) -> None:
+        """Celery calls this with the lane's own pid, which names no job; ``ApplyResult.terminate``
+        (called by the same revoke) stops the right one."""
 
     def _run_sync(self, job: SyncJob, target: Any, args: Any, kwargs: Any, callback: Any,
                   accept_callback: Any) -> None:
@@ -240,7 +264,7 @@ class NativePool(BasePool):
                     inner = asyncio.timeout(soft)
                     try:
                         async with inner:
-                            return await task.run(*t_args, **t_kwargs)
+                            return await await_body(task, t_args, t_kwargs)
                     except TimeoutError as exc:
                         if inner.expired():
                             if timeout_callback:

@@ -78,6 +78,38 @@ class NativeTask(Task):
             job.leave_body()
 
 
+async def await_body(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Await an ``async def`` task's body, honouring ``autoretry_for`` and ``retry_backoff``.
+
+    Celery's autoretry wrapper (celery/app/autoretry.py) is synchronous: around a coroutine function it
+    only sees the coroutine being created, never the exception raised when it is awaited. So the
+    wrapped body (``_orig_run``) is awaited here and the wrapper's rules are applied to what it
+    raises. The decorator's options are class attributes of the task, which is where they are read.
+    """
+    from celery.exceptions import Ignore, Retry
+    from celery.utils.time import get_exponential_backoff_interval
+
+    body = getattr(task, "_orig_run", None)
+    if body is None:
+        return await task.run(*args, **kwargs)
+    try:
+        return await body(*args, **kwargs)
+    except (Ignore, Retry):
+        raise
+    except Exception as exc:
+        if (not isinstance(exc, tuple(getattr(task, "autoretry_for", ()) or ()))
+                or isinstance(exc, tuple(getattr(task, "dont_autoretry_for", ()) or ()))):
+            raise
+        options = dict(getattr(task, "retry_kwargs", None) or {})
+        backoff = float(getattr(task, "retry_backoff", False) or 0)
+        if backoff:
+            options["countdown"] = get_exponential_backoff_interval(
+                factor=int(max(1.0, backoff)), retries=task.request.retries,
+                maximum=int(getattr(task, "retry_backoff_max", 600)),
+                full_jitter=getattr(task, "retry_jitter", True))
+        raise task.retry(exc=exc, **options) from exc
+
+
 def _run_eagerly(task: NativeTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``task_always_eager`` / ``task.apply()``: run the coroutine to completion on a fresh loop."""
     try:
@@ -87,7 +119,7 @@ def _run_eagerly(task: NativeTask, args: tuple[Any, ...], kwargs: dict[str, Any]
 
         async def main() -> Any:
             CURRENT_REQUEST.set((task.name, request))
-            return await task.run(*args, **kwargs)
+            return await await_body(task, args, kwargs)
 
         return asyncio.run(main())
     raise RuntimeError(

@@ -162,16 +162,16 @@ def run_worker(settings: AsyncQSettings, queues: list[str], concurrency: int, ho
              hostname, mask_url(settings.broker_url), ",".join(queues), concurrency,
              admission.budget // 1024**2, forks.pid)
     stop = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat_loop, name="asyncq-heartbeat", daemon=True,
-        args=(stop, settings, client, runner, watchdog, hostname, queues, concurrency, forks),
-    )
     lane = None
     if native is not None and native.enabled:  # --- native lane: a child process of its own ---
         from airflow_asyncq_provider.native.child import LaneProcess
 
         lane = LaneProcess(native, hostname, loglevel)
         lane.start()
+    beat = threading.Thread(
+        target=_heartbeat_loop, name="asyncq-heartbeat", daemon=True,
+        args=(stop, settings, client, runner, watchdog, hostname, queues, concurrency, forks, lane),
+    )
     try:
         with _serve_logs(serve_logs):
             beat.start()
@@ -215,11 +215,14 @@ def _import_worker_modules(serve_logs: bool) -> None:
 
 
 def _heartbeat_loop(stop: threading.Event, settings: AsyncQSettings, client: Any, runner: Any,
-                    watchdog: Any, hostname: str, queues: list[str], concurrency: int, forks: Any) -> None:
+                    watchdog: Any, hostname: str, queues: list[str], concurrency: int, forks: Any,
+                    lane: Any = None) -> None:
     from airflow_asyncq_provider.state import registry
 
     started_at = time.time()
     while not stop.is_set():
+        if lane is not None:
+            lane.supervise()
         try:
             running = len(runner.running)
             registry.heartbeat(client, runner.keys, hostname, {
@@ -234,6 +237,7 @@ def _heartbeat_loop(stop: threading.Event, settings: AsyncQSettings, client: Any
                 "memory_in_use": watchdog.in_use(),
                 "tasks": {task_id: {"pid": pid, "pss": watchdog.current.get(task_id, 0), "limit": limit}
                           for task_id, pid, limit in runner.watch_list()},
+                "native": lane.status() if lane is not None else None,
             }, ttl=settings.worker_lost_timeout)
             runner.renew_leases()
         except Exception as exc:  # Redis restarting must not kill the heartbeat thread

@@ -26,7 +26,8 @@ def test_fleet_rows_sorted_and_derived():
     assert [r["worker"] for r in rows] == ["a@h", "b@h"]
     assert rows[1] == {"worker": "b@h", "health": "ok", "queues": "default,high_mem", "slots": 8,
                        "running": 3, "free": 5, "mem_budget_mib": 8192, "mem_reserved_mib": 768,
-                       "mem_in_use_mib": 300, "heartbeat_age_s": 1.3, "up_s": 3600, "version": "0.1.0"}
+                       "mem_in_use_mib": 300, "heartbeat_age_s": 1.3, "up_s": 3600, "version": "0.1.0",
+                       "native": "-"}
     assert rows[0]["queues"] == "x"
 
 
@@ -34,7 +35,7 @@ def test_fleet_rows_tolerate_missing_fields():
     (row,) = fleet_rows({"w": {}}, NOW)
     assert row == {"worker": "w", "health": "starting", "queues": "", "slots": None, "running": None,
                    "free": None, "mem_budget_mib": None, "mem_reserved_mib": None, "mem_in_use_mib": None,
-                   "heartbeat_age_s": None, "up_s": None, "version": None}
+                   "heartbeat_age_s": None, "up_s": None, "version": None, "native": "-"}
 
 
 def test_fleet_rows_accept_string_timestamps():
@@ -53,7 +54,7 @@ def test_render_table_aligns_columns():
     assert len(lines) == 4
     header, rule, first, second = lines
     assert header.split() == ["WORKER", "HEALTH", "QUEUES", "SLOTS", "RUNNING", "FREE", "MEM_BUDGET_MIB",
-                              "MEM_RESERVED_MIB", "MEM_IN_USE_MIB", "HEARTBEAT_AGE_S", "UP_S", "VERSION"]
+                              "MEM_RESERVED_MIB", "MEM_IN_USE_MIB", "HEARTBEAT_AGE_S", "UP_S", "VERSION", "NATIVE"]
     assert set(rule.replace(" ", "")) == {"-"}
     # every column starts at the same offset on every line
     for column in ("QUEUES", "SLOTS", "VERSION"):
@@ -122,3 +123,15 @@ def test_status_with_refused_credentials_exits_3_like_the_worker(monkeypatch, ca
     code, err = _status_with(monkeypatch, capsys, stub_conf, broker_url="redis://u:wr0ngpw@h:6379/0")
     assert "refused the credentials" in err and "wr0ngpw" not in err
     assert code == 3
+
+
+@pytest.mark.parametrize(("lane", "shown"), [
+    (None, "-"),
+    ({"alive": True, "restarts": 0, "loop_concurrency": 50, "sync_threads": 2}, "ok 50+2"),
+    ({"alive": False, "restarts": 2, "loop_concurrency": 50, "sync_threads": 0}, "down 50+0, 2 restart(s)"),
+    ({"alive": False, "restarts": 5, "gave_up": True}, "down, gave up, 5 restart(s)"),
+    ("garbage", "-"),
+])
+def test_native_lane_column(lane, shown):
+    (row,) = fleet_rows({"w": _worker(native=lane)}, NOW)
+    assert row["native"] == shown

@@ -55,6 +55,23 @@ async def retry(self: Any, succeed_on: int) -> int:
     return self.request.retries
 
 
+@fleet.task(name="t.autoretry", bind=True, autoretry_for=(ConnectionError,), dont_autoretry_for=(ConnectionResetError,),
+            retry_kwargs={"max_retries": 3, "countdown": 0.1})
+async def autoretry(self: Any, fail_times: int, error: str = "ConnectionError") -> int:
+    await asyncio.sleep(0)
+    if self.request.retries < fail_times:
+        raise {"ConnectionError": ConnectionError, "ConnectionResetError": ConnectionResetError}[error]("flaky")
+    return self.request.retries
+
+
+@fleet.task(name="t.autoretry_sync", bind=True, autoretry_for=(ConnectionError,), retry_backoff=True,
+            retry_backoff_max=1, retry_jitter=False, max_retries=2)
+def autoretry_sync(self: Any, fail_times: int) -> int:
+    if self.request.retries < fail_times:
+        raise ConnectionError("flaky")
+    return self.request.retries
+
+
 @fleet.task(name="t.async_soft", soft_time_limit=0.3)
 async def async_soft(seconds: float) -> str:
     await asyncio.sleep(seconds)
@@ -103,3 +120,25 @@ def stamp() -> float:
 @fleet.task(name="t.big")
 def big(n: int) -> str:
     return "x" * n
+
+
+def _mark(key: str) -> None:
+    import redis
+
+    redis.Redis(db=15).set(key, "finished", ex=60)
+
+
+@fleet.task(name="t.mark_after")
+async def mark_after(key: str, seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    _mark(key)
+    return "finished"
+
+
+@fleet.task(name="t.sync_mark_after")
+def sync_mark_after(key: str, seconds: float) -> str:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.02)
+    _mark(key)
+    return "finished"

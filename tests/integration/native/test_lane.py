@@ -127,6 +127,17 @@ def test_retry_with_countdown_and_max_retries(lane: SimpleNamespace) -> None:
     assert "MaxRetriesExceeded" in type(info.value).__name__
 
 
+def test_autoretry_for_on_async_and_sync_tasks(lane: SimpleNamespace) -> None:
+    assert send(lane, "t.autoretry", 2).get(timeout=10) == 2  # retried twice, then succeeded
+    with pytest.raises(ConnectionError):  # retry_kwargs max_retries=3 ran out: the last error is raised
+        send(lane, "t.autoretry", 9).get(timeout=10)
+    with pytest.raises(ConnectionResetError):  # dont_autoretry_for: fails at once
+        send(lane, "t.autoretry", 1, "ConnectionResetError").get(timeout=10)
+    started = time.monotonic()
+    assert send(lane, "t.autoretry_sync", 2).get(timeout=10) == 2
+    assert time.monotonic() - started >= 1.5  # retry_backoff without jitter: 1 s + min(2 s, max 1 s)
+
+
 def test_async_time_limits(lane: SimpleNamespace) -> None:
     with pytest.raises(SoftTimeLimitExceeded):
         send(lane, "t.async_soft", 3).get(timeout=10)
@@ -164,6 +175,19 @@ def test_countdown_eta_expires_and_rate_limit(lane: SimpleNamespace) -> None:
     started = time.monotonic()
     stamps = sorted(r.get(timeout=20) for r in [send(lane, "t.stamp") for _ in range(10)])
     assert stamps[-1] - stamps[0] >= 1.4, "rate_limit 5/s: 10 tasks need about 2 s"
+
+
+@pytest.mark.parametrize("name", ["t.mark_after", "t.sync_mark_after"])
+def test_revoke_terminate_stops_a_running_task(lane: SimpleNamespace, name: str) -> None:
+    key = f"{lane.prefix}:marker:{uuid.uuid4().hex}"
+    result = send(lane, name, key, 2.0)
+    time.sleep(0.8)  # an idle lane starts it within milliseconds; a revoke before the start is another test
+    lane.fleet.control.revoke(result.id, terminate=True)
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=10)
+    time.sleep(2.5)
+    assert lane.client.get(key) is None, "the task ran on after revoke(terminate=True)"
+    assert send(lane, "t.add", 1, 1).get(timeout=10) == 2  # the lane carries on
 
 
 def test_fire_and_forget_stores_nothing(lane: SimpleNamespace) -> None:
