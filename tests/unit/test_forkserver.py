@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -74,3 +75,33 @@ def test_describe_crash_without_error():
 def test_describe_plain_exit_codes(code):
     assert describe_exit(code, None, None) == (False, f"task process exited with code {code}")
 
+
+
+def test_forked_server_handle_reports_exit_and_kills() -> None:
+    """ForkedServer stands in for Popen when the worker forks the fork server itself."""
+    import subprocess as sp
+
+    from airflow_asyncq_provider.worker.forkclient import ForkedServer
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    handle = ForkedServer(pid, w)
+    os.close(r)
+    assert handle.wait(10) == 3 and handle.poll() == 3
+    handle.stdin.close()
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(r, 1)  # blocks until killed
+        os._exit(0)
+    handle = ForkedServer(pid, w)
+    os.close(r)
+    assert handle.poll() is None
+    with pytest.raises(sp.TimeoutExpired):
+        handle.wait(0.2)
+    handle.kill()
+    assert handle.poll() == -9
+    handle.stdin.close()
