@@ -1,4 +1,5 @@
-"""Version-guarded adjustments to Airflow's task SDK, applied only inside forked workload children.
+"""Version-guarded adjustments to Airflow's task SDK, made in the fork server and inherited by every
+forked workload.
 
 Airflow 3.3's supervisor learns that its task process exited either from socket EOF or from a poll
 after ``selector.select(timeout)``. Once the task has closed all its sockets but has not quite exited
@@ -32,4 +33,21 @@ def shorten_exit_detection() -> bool:
 
     _service_subprocess._asyncq_patched = True  # type: ignore[attr-defined]
     WatchedSubprocess._service_subprocess = _service_subprocess  # type: ignore[method-assign]
+    return True
+
+
+def warm_shared_caches() -> bool:
+    """Build once, in the fork server, what each supervisor would otherwise build for itself.
+
+    The Execution API client's SSL context (CA store, certifi included) is cached per process by the
+    task SDK; built before the fork, every supervisor and task process shares it copy-on-write instead
+    of holding a private 2.4 MiB copy (measured in docs/BENCHMARKS.md, worker memory).
+    """
+    try:
+        from airflow.sdk.api import client
+
+        client.Client._get_ssl_context_cached(client.API_SSL_CA_FILE_PATH, client.API_SSL_CERT_PATH)
+    except Exception as exc:  # a bad [api] ssl setting fails each task with its own clear error anyway
+        log.warning("Could not pre-build the Execution API SSL context (%s); each task builds its own", exc)
+        return False
     return True

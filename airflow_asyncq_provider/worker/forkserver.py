@@ -102,9 +102,10 @@ class ForkServer:
         from pydantic import TypeAdapter
 
         self._decoder = TypeAdapter(ExecutorWorkload)
-        from airflow_asyncq_provider.worker.compat import shorten_exit_detection
+        from airflow_asyncq_provider.worker.compat import shorten_exit_detection, warm_shared_caches
 
         shorten_exit_detection()  # patched once here, inherited by every fork
+        warm_shared_caches()
         if threading.active_count() != 1:
             print(f"asyncq fork server: {threading.active_count()} threads after preload; forking "
                   "may deadlock", file=sys.stderr, flush=True)

@@ -128,9 +128,8 @@ def summarize(runs: list[dict[str, Any]], concurrencies: list[int]) -> dict[str,
                           if r["executor"] == name and r["concurrency"] == c and r.get("ok")]
                 medians[name] = round(statistics.median(values), 1) if values else None
             ratio = measure.ratio(medians["asyncq"], medians["celery"])
-            ratio = round(ratio, 2) if ratio is not None else None
-            row[state] = {**medians, "ratio": ratio, "target": TARGETS[state],
-                          "met": ratio is not None and ratio <= TARGETS[state]}
+            row[state] = {**medians, "ratio": None if ratio is None else round(ratio, 3),
+                          "target": TARGETS[state], "met": ratio is not None and ratio <= TARGETS[state]}
         summary[f"c{c}"] = row
     return summary
 

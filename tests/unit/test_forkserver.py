@@ -105,3 +105,14 @@ def test_forked_server_handle_reports_exit_and_kills() -> None:
     handle.kill()
     assert handle.poll() == -9
     handle.stdin.close()
+
+
+def test_fork_server_pre_builds_the_api_ssl_context() -> None:
+    from airflow.sdk.api import client
+
+    from airflow_asyncq_provider.worker.compat import warm_shared_caches
+
+    assert warm_shared_caches() is True
+    # what every forked supervisor's Client() will ask for is now the one object built here
+    built = client.Client._get_ssl_context_cached(client.API_SSL_CA_FILE_PATH, client.API_SSL_CERT_PATH)
+    assert built is client.Client._get_ssl_context_cached(client.API_SSL_CA_FILE_PATH, client.API_SSL_CERT_PATH)
