@@ -207,10 +207,11 @@ def _import_worker_modules(serve_logs: bool) -> None:
 
     modules = ["celery.apps.worker", "celery.bin.celery", "celery.concurrency.thread", "celery.worker.consumer",
                "celery.worker.components", "celery.worker.autoscale", "celery.worker.strategy",
-               "celery.events.dispatcher", "kombu.transport.redis"]
+               "celery.events.dispatcher", "celery.backends.base", "celery.app.routes", "billiard.pool",
+               "kombu.transport.redis", "kombu.pidbox", "kombu.matcher"]
     if serve_logs:
         modules += ["uvicorn", "uvicorn.protocols.http.auto", "uvicorn.protocols.websockets.auto",
-                    "uvicorn.lifespan.on", "uvicorn.loops.auto"]
+                    "uvicorn.lifespan.on", "uvicorn.loops.auto", "uvicorn.loops.uvloop"]
     for name in modules:
         with contextlib.suppress(ImportError):  # an optional speed-up (httptools, uvloop) may be absent
             importlib.import_module(name)
