@@ -85,6 +85,15 @@ def flush_redis(spec: ExecutorSpec) -> None:
     client.close()
 
 
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
 def versions(spec: ExecutorSpec) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
@@ -410,12 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, "bench/run.py", *(argv or sys.argv[1:])]),
             "code": {**code, "commit_at_end": git("rev-parse", "HEAD")},
-            "machine": {
-                "cpus": os.cpu_count(),
-                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-            },
+            "machine": machine(),
             "n": args.n,
             "repeats": args.repeats,
             "parallelism": args.parallelism,

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -30,8 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402
-
 from bench import measure  # noqa: E402
 from bench.run import (  # noqa: E402
     ensure_celery_venv,
@@ -39,6 +36,7 @@ from bench.run import (  # noqa: E402
     git,
     kill_strays,
     log,
+    machine,
     recreate_database,
     reset_runs,
     versions,
@@ -194,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "bench/memory/run.py", *(argv if argv is not None else sys.argv[1:])]),
             "commit": git("rev-parse", "HEAD"),
             "working_tree_changes": git("status", "--porcelain", "--", "airflow_asyncq_provider"),
-            "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                        "platform": platform.platform(), "python": platform.python_version()},
+            "machine": machine(),
             "sleepers": args.sleepers, "repeats": args.repeats, "settle_s": args.settle,
             "versions": {s.name: versions(s) for s in specs},
             "duration_s": round(time.monotonic() - started, 1),
