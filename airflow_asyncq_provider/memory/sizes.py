@@ -40,5 +40,11 @@ def parse_size(value: object, what: str) -> int:
 
 
 def format_size(size: int) -> str:
+    """Whole MiB for what operators read in logs and reasons; KiB below 1 MiB, so a small size never
+    reads "0 MiB"; GiB from 10 GiB on."""
     mib = size / 1024**2
-    return f"{mib / 1024:.1f} GiB" if mib >= 10240 else f"{mib:.0f} MiB"
+    if mib >= 10240:
+        return f"{mib / 1024:.1f} GiB"
+    if size < 1024**2:
+        return f"{size / 1024:.0f} KiB"
+    return f"{mib:.0f} MiB"

@@ -228,3 +228,13 @@ def test_memory_limit_below_request(stub_conf):
 def test_memory_fraction_above_one(stub_conf):
     with pytest.raises(ConfigError, match=r"\[asyncq\] worker_memory_fraction must be at most 1"):
         load_settings(stub_conf(worker_memory_fraction="1.5"))
+
+
+@pytest.mark.parametrize(("size", "shown"), [
+    (0, "0 KiB"), (512 * 1024, "512 KiB"), (1024**2, "1 MiB"), (300 * 1024**2, "300 MiB"),
+    (10 * 1024**3, "10.0 GiB"),
+])
+def test_format_size_never_rounds_a_small_size_to_zero_mib(size, shown):
+    from airflow_asyncq_provider.memory.sizes import format_size
+
+    assert format_size(size) == shown
