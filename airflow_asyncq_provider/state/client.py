@@ -48,6 +48,14 @@ def ping_or_raise(client: redis.Redis, settings: AsyncQSettings, who: str) -> No
             f"({mask_secrets(str(exc))}); check the ACL user and password in the URL"
         ) from exc
     except (redis.RedisError, OSError) as exc:
+        text = mask_secrets(str(exc))
+        if settings.broker_url.startswith("rediss://") and ("ssl" in text.lower() or "certificate" in text):
+            raise BrokerUnavailable(
+                f"{who}: the TLS handshake with Redis at [asyncq] broker_url {mask_url(settings.broker_url)} "
+                f"failed ({type(exc).__name__}: {text}); check [asyncq] ssl_ca_certs (the CA that signed the "
+                "server's certificate), ssl_certfile and ssl_keyfile (when the server asks for a client "
+                "certificate) and ssl_cert_reqs"
+            ) from exc
         raise BrokerUnavailable(
             f"{who}: [asyncq] broker_url is {mask_url(settings.broker_url)} but no Redis answered there "
             f"within {settings.publish_timeout:g} s ({type(exc).__name__}: {mask_secrets(str(exc))}); "
