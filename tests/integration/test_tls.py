@@ -128,3 +128,12 @@ def test_worker_and_status_over_tls(tls_redis: SimpleNamespace, tmp_path: Path) 
     finally:
         code = worker.stop()
     assert code == 0, worker.output()[-3000:]
+
+
+def test_status_with_a_wrong_ca_exits_3_and_names_the_setting(tls_redis: SimpleNamespace, tmp_path: Path) -> None:
+    env = airflow_env(tmp_path, broker_url=tls_redis.url, ssl_ca_certs=str(tls_redis.dir / "other-ca.crt"),
+                      ssl_certfile=str(tls_redis.dir / "client.crt"), ssl_keyfile=str(tls_redis.dir / "client.key"),
+                      publish_timeout="3")
+    result = run_airflow(["asyncq", "status"], env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "ssl_ca_certs" in result.stderr and PASSWORD not in result.stdout + result.stderr
