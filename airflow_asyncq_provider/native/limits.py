@@ -60,13 +60,17 @@ class SyncJob:
         with self.lock:
             self.in_body = False
 
-    def terminate(self) -> bool:
-        """``revoke(terminate=True)``: raise ``Terminated`` in the task code, if it is running now."""
+    def raise_in_body(self, exc_type: type[BaseException]) -> bool:
+        """Raise ``exc_type`` in the task's thread if it is running task code now (never in Celery's)."""
         with self.lock:
             if not self.in_body or self.thread_id is None:
                 return False
             self.raised += 1
-            return raise_in_thread(self.thread_id, Terminated)
+            return raise_in_thread(self.thread_id, exc_type)
+
+    def terminate(self) -> bool:
+        """``revoke(terminate=True)``: raise ``Terminated`` in the task code, if it is running now."""
+        return self.raise_in_body(Terminated)
 
     def absorb(self) -> None:
         """Swallow a limit raised just as the body ended (it is delivered at a later bytecode)."""
@@ -84,12 +88,9 @@ class SyncJob:
             due = getattr(self, attr)
             if due is None or now < due:
                 continue
-            with self.lock:
-                if not self.in_body or self.thread_id is None:
-                    continue
-                setattr(self, attr, None)
-                self.raised += 1
-                raise_in_thread(self.thread_id, exc_type)
+            if not self.raise_in_body(exc_type):
+                continue
+            setattr(self, attr, None)
             log.warning("%s time limit (%ss) exceeded on a sync thread; raised %s in the task",
                         "Soft" if soft else "Hard", seconds, exc_type.__name__)
             if soft and self.timeout_callback:

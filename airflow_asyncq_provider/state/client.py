@@ -58,6 +58,6 @@ def ping_or_raise(client: redis.Redis, settings: AsyncQSettings, who: str) -> No
             ) from exc
         raise BrokerUnavailable(
             f"{who}: [asyncq] broker_url is {mask_url(settings.broker_url)} but no Redis answered there "
-            f"within {settings.publish_timeout:g} s ({type(exc).__name__}: {mask_secrets(str(exc))}); "
+            f"within {settings.publish_timeout:g} s ({type(exc).__name__}: {text}); "
             "start Redis or set [asyncq] broker_url / AIRFLOW__ASYNCQ__BROKER_URL"
         ) from exc

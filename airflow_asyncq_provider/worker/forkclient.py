@@ -150,8 +150,7 @@ class ForkClient:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
-        if pid == 0:  # the fork server: never return into the worker's code
-            code = 1
+        if pid == 0:  # the fork server: never return into the worker's code (run() exits by itself)
             try:
                 os.close(lifeline_w)
                 os.dup2(lifeline_r, 0)
@@ -160,7 +159,7 @@ class ForkClient:
             except BaseException:
                 traceback.print_exc()
             finally:
-                os._exit(code)
+                os._exit(1)
         os.close(lifeline_r)
         return ForkedServer(pid, lifeline_w)
 
