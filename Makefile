@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install demo test test-unit test-integration test-system services lint bench clean
+.PHONY: install demo test test-unit test-integration test-system services tools lint bench chaos clean
 
 install: $(STAMP)
 
@@ -20,16 +20,19 @@ demo: install
 services:
 	bash devtools/services.sh
 
-test: install services
+tools:
+	bash devtools/tools.sh
+
+test: install services tools
 	$(PY) -m pytest -p no:cacheprovider tests/unit tests/integration tests/system $(PYTEST_ARGS)
 
-test-unit: install
+test-unit: install tools
 	$(PY) -m pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 test-integration: install services
 	$(PY) -m pytest -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
-test-system: install services
+test-system: install services tools
 	$(PY) -m pytest -p no:cacheprovider tests/system $(PYTEST_ARGS)
 
 lint: install
@@ -37,6 +40,10 @@ lint: install
 
 bench: install
 	$(PY) bench/run.py $(ARGS)
+
+# The reliability run (docs/RELIABILITY.md): root, 15-30 min; not in CI. ARGS="--minutes 2 --tasks 100"
+chaos: install services
+	$(PY) -m bench.chaos.run $(ARGS)
 
 clean:
 	rm -rf .demo .pytest_cache

@@ -21,3 +21,11 @@ class PublishError(AsyncQError):
 
 class MalformedMessage(AsyncQError):
     """A queue message that is not a valid JSON workload; it goes to the dead-letter list."""
+
+
+class StateError(AsyncQError):
+    """A Redis command on the fleet's state (task records, registry, event stream) failed."""
+
+
+class StateUnavailable(StateError, BrokerUnavailable):
+    """Redis did not answer a state command (connection refused, reset or timed out): worth retrying."""

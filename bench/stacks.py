@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from devtools.stack import ASYNCQ_EXECUTOR, TERMINAL_RUN_STATES, Stack
+from devtools.stack import ASYNCQ_EXECUTOR, TERMINAL_RUN_STATES, Stack, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DAGS = REPO / "bench" / "dags"
@@ -25,7 +25,7 @@ MAIN_AIRFLOW = REPO / ".venv" / "bin" / "airflow"
 CELERY_AIRFLOW = REPO / ".venv-celery" / "bin" / "airflow"
 PG_DSN = "postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
 REDIS_URL = "redis://127.0.0.1:6379/{db}"
-WORKER = "worker"
+WORKER = "worker"  # the worker's component name (its log is worker.log); with K > 1, worker1 .. workerK
 READY = re.compile(rb"@\S+ ready\.")
 
 
@@ -49,13 +49,14 @@ class ExecutorSpec:
     def broker_url(self) -> str:
         return REDIS_URL.format(db=self.redis_db)
 
-    def worker_args(self, concurrency: int) -> list[str] | None:
-        """The worker command for this executor, or None when the scheduler runs the tasks itself."""
+    def worker_args(self, concurrency: int, node: str = "bench") -> list[str] | None:
+        """The worker command for this executor (Celery node ``node@host``), or None when the scheduler
+        runs the tasks itself."""
         if self.name == "asyncq":
-            return ["asyncq", "worker", "-q", "default", "-c", str(concurrency), "--hostname", "bench@%h"]
+            return ["asyncq", "worker", "-q", "default", "-c", str(concurrency), "--hostname", f"{node}@%h"]
         if self.name == "celery":
             # Airflow's defaults otherwise (prefork pool, mingle and gossip on), as users run it.
-            return ["celery", "worker", "-q", "default", "-c", str(concurrency), "-H", "bench@%h"]
+            return ["celery", "worker", "-q", "default", "-c", str(concurrency), "-H", f"{node}@%h"]
         return None
 
 
@@ -70,9 +71,11 @@ EXECUTORS = {
 
 
 class BenchStack(Stack):
-    """A ``Stack`` that runs a chosen venv's ``airflow`` and can start any executor's worker."""
+    """A ``Stack`` that runs a chosen venv's ``airflow`` and can start any executor's workers."""
 
-    def __init__(self, spec: ExecutorSpec, home: Path, *, n: int, parallelism: int, concurrency: int) -> None:
+    def __init__(
+        self, spec: ExecutorSpec, home: Path, *, n: int, parallelism: int, concurrency: int, workers: int = 1
+    ) -> None:
         bundles = [
             {
                 "name": "dags-folder",
@@ -90,6 +93,9 @@ class BenchStack(Stack):
             extra_env={
                 "ASYNCQ_BENCH_N": str(n),
                 "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+                # Airflow's per-DAG cap (16 by default) would otherwise hold a parallelism above 16 at
+                # 16 TIs in flight; at 16 and below it changes nothing.
+                "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(max(16, parallelism)),
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
                 "AIRFLOW__ASYNCQ__WORKER_CONCURRENCY": str(concurrency),
                 # Only the benchmark DAG: Stack's example bundle imports our provider, which the
@@ -99,6 +105,7 @@ class BenchStack(Stack):
         )
         self.spec = spec
         self.concurrency = concurrency
+        self.workers = workers
         venv_bin = spec.airflow.parent
         self.env["PATH"] = f"{venv_bin}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["VIRTUAL_ENV"] = str(venv_bin.parent)
@@ -128,18 +135,40 @@ class BenchStack(Stack):
         self.procs[name] = proc
         return proc
 
-    def start_bench_worker(self) -> None:
-        args = self.spec.worker_args(self.concurrency)
-        if args is not None:
-            self.spawn(WORKER, *args, env={"ASYNCQ_WORKER_NAME": "bench"})
+    @property
+    def worker_nodes(self) -> dict[str, str]:
+        """Component name -> Celery node name of each worker; none for LocalExecutor. One worker is
+        "worker"/"bench" as it always was; K > 1 are "worker1"/"bench-w1" .. "workerK"/"bench-wK"."""
+        if self.spec.worker_args(self.concurrency) is None:
+            return {}
+        if self.workers == 1:
+            return {WORKER: "bench"}
+        return {f"{WORKER}{i}": f"bench-w{i}" for i in range(1, self.workers + 1)}
+
+    def start_bench_workers(self) -> None:
+        for name, node in self.worker_nodes.items():
+            args = self.spec.worker_args(self.concurrency, node)
+            assert args is not None  # worker_nodes is empty when the scheduler runs the tasks
+            env = {"ASYNCQ_WORKER_NAME": node}
+            if self.workers > 1:  # each its own log server: a second one cannot bind the stack's port
+                env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+            self.spawn(name, *args, env=env)
 
     # ------------------------------------------------------------ readiness
+    def task_trees(self) -> list[str]:
+        """The components whose process trees run the tasks: the workers (the scheduler for Local)."""
+        return list(self.worker_nodes) or ["scheduler"]
+
+    def memory_roots(self) -> list[int]:
+        return [self.procs[name].pid for name in self.task_trees()]
+
     def memory_root(self) -> int:
-        """The pid whose process tree is this executor's "worker" (the scheduler for LocalExecutor)."""
-        return self.procs[WORKER if WORKER in self.procs else "scheduler"].pid
+        """The pid whose process tree is this executor's one "worker" (the scheduler for LocalExecutor)."""
+        (root,) = self.memory_roots()
+        return root
 
     def wait_ready(self, timeout: float = 240) -> None:
-        """API up, DAG parsed, scheduler/triggerer/dag-processor healthy, worker consuming."""
+        """API up, DAG parsed, scheduler/triggerer/dag-processor healthy, every worker consuming."""
         deadline = time.monotonic() + timeout
         self.wait_api(timeout)
         self.wait_dag("asyncq_bench", max(1.0, deadline - time.monotonic()))
@@ -156,9 +185,8 @@ class BenchStack(Stack):
         raise TimeoutError(f"{self.spec.label} stack was not ready within {timeout} s; logs in {self.logs}")
 
     def _worker_ready(self) -> bool:
-        if WORKER in self.procs:
-            log = (self.logs / f"{WORKER}.log").read_bytes()
-            return bool(READY.search(log))
+        if self.worker_nodes:  # every worker consuming, each under its own node name
+            return all(READY.search((self.logs / f"{name}.log").read_bytes()) for name in self.worker_nodes)
         # LocalExecutor forks its `parallelism` worker processes when the scheduler starts its executor.
         scheduler = psutil.Process(self.procs["scheduler"].pid)
         return len(scheduler.children()) >= 1

@@ -29,6 +29,17 @@ def _record(tag: str) -> None:
         fh.write(line)
 
 
+def _sleep(seconds: float, until: str) -> None:
+    """``seconds``, or less once the file ``until`` exists (when set): a test ends the wait when what it
+    needed the task running for has happened."""
+    if not until:
+        time.sleep(seconds)
+        return
+    deadline = time.time() + seconds
+    while time.time() < deadline and not os.path.exists(until):
+        time.sleep(0.2)
+
+
 @dag(dag_id="asyncq_test_retry", schedule=None, start_date=START, catchup=False)
 def asyncq_test_retry():
     @task(retries=1, retry_delay=datetime.timedelta(seconds=1))
@@ -85,8 +96,11 @@ def asyncq_test_priority():
     gate() >> high()
 
 
-@dag(dag_id="asyncq_test_sleepers", schedule=None, start_date=START, catchup=False, params={"n": 6, "s": 6})
+@dag(dag_id="asyncq_test_sleepers", schedule=None, start_date=START, catchup=False,
+     params={"n": 6, "s": 6, "until": ""})
 def asyncq_test_sleepers():
+    """``n`` sleepers of ``s`` seconds each, or until the file ``until`` exists (when set)."""
+
     @task
     def items() -> list[int]:
         ctx = get_current_context()
@@ -95,7 +109,8 @@ def asyncq_test_sleepers():
     @task
     def sleeper(i: int) -> int:
         _record("run")
-        time.sleep(float(get_current_context()["params"]["s"]))
+        params = get_current_context()["params"]
+        _sleep(float(params["s"]), params["until"])
         return i
 
     @task
@@ -130,7 +145,7 @@ asyncq_test_nobody()
     schedule=None,
     start_date=START,
     catchup=False,
-    params={"tag": "none"},
+    params={"tag": "none", "until": ""},
     deadline=DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=datetime.timedelta(seconds=2),
@@ -140,7 +155,7 @@ asyncq_test_nobody()
 def asyncq_test_deadline():
     @task
     def slow() -> None:
-        time.sleep(15)
+        _sleep(15, get_current_context()["params"]["until"])
 
     slow()
 
@@ -199,14 +214,17 @@ asyncq_test_budget()
 asyncq_test_too_big()
 
 
-@dag(dag_id="asyncq_fault_long", schedule=None, start_date=START, catchup=False, params={"s": 20})
+@dag(dag_id="asyncq_fault_long", schedule=None, start_date=START, catchup=False,
+     params={"s": 20, "retry_s": 2})
 def asyncq_fault_long():
-    """One long task with a retry: the fault suite kills or drains its worker mid-run."""
+    """One long task with a retry: the fault suite kills or drains its worker mid-run. The first try runs
+    ``s`` seconds, a retry ``retry_s``: only the first try has to outlast the fault."""
 
     @task(retries=1, retry_delay=datetime.timedelta(seconds=1))
     def long_task() -> str:
         _record("run")
-        time.sleep(float(get_current_context()["params"]["s"]))
+        ctx = get_current_context()
+        time.sleep(float(ctx["params"]["s"] if ctx["ti"].try_number == 1 else ctx["params"]["retry_s"]))
         return os.environ.get("ASYNCQ_WORKER_NAME", "")
 
     long_task()

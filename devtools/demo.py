@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from airflow_asyncq_provider.state.urls import mask_url  # noqa: E402
+from airflow_asyncq_provider.redaction import mask_url  # noqa: E402
 from devtools.stack import REPO, Stack, free_port  # noqa: E402
 
 DAG_ID = "asyncq_quickstart"

@@ -46,7 +46,7 @@ class Stack:
         self.api_port = free_port()
         self.password = password
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._token: str | None = None
+        self._tokens: dict[str, str] = {}
         bundles = [
             {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
              "kwargs": {}},
@@ -54,7 +54,8 @@ class Stack:
              "kwargs": {"path": str(EXAMPLES), "refresh_interval": 0}},
         ]
         passwords = home / "simple_auth_manager_passwords.json"
-        passwords.write_text(json.dumps({"admin": password}))
+        # A viewer too, so UI tests can tell reading from acting (the fleet page's actions need admin).
+        passwords.write_text(json.dumps({"admin": password, "viewer": "viewer"}))
         secrets_file = home / "secrets.json"
         if not secrets_file.exists():
             secrets_file.write_text(json.dumps({"jwt": secrets.token_urlsafe(32),
@@ -70,7 +71,7 @@ class Stack:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__PARALLELISM": "32",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.api_port}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -85,6 +86,8 @@ class Stack:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs / "tasks"),
             "AIRFLOW__ASYNCQ__BROKER_URL": broker_url,
             "AIRFLOW__ASYNCQ__KEY_PREFIX": key_prefix,
+            # What every "host" reaches, as compose's shared volume: chunk parts and example files.
+            "AIRFLOW__ASYNCQ__SHARED_STORAGE": str(home / "shared"),
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + sql_conn if sql_conn.startswith("postgres") else "",
             **(extra_env or {}),
@@ -118,13 +121,15 @@ class Stack:
         self.spawn("triggerer", "triggerer")
 
     def start_worker(self, name: str, queues: str = "default", concurrency: int = 4,
-                     serve_logs: bool = True, memory_budget: str | None = None) -> subprocess.Popen[bytes]:
+                     serve_logs: bool = True, memory_budget: str | None = None,
+                     env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        """``env`` is added to the stack's (e.g. a TMPDIR of its own, to stand in for another host)."""
         args = ["asyncq", "worker", "-q", queues, "-c", str(concurrency), "--hostname", f"{name}@%h"]
         if memory_budget:
             args += ["--memory-budget", memory_budget]
         if not serve_logs:
             args.append("--skip-serve-logs")
-        return self.spawn(name, *args, env={"ASYNCQ_WORKER_NAME": name})
+        return self.spawn(name, *args, *extra_args, env={"ASYNCQ_WORKER_NAME": name, **(env or {})})
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
@@ -165,19 +170,29 @@ class Stack:
             headers["Authorization"] = f"Bearer {self.token()}"
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.api_url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{method} {path} -> {exc.code}: {exc.read()[:2000]!r}") from None
-        return json.loads(raw) if raw else None
+        # A GET is safe to repeat: on a loaded 2-core machine one api-server answer can take longer than
+        # the socket timeout, which says nothing about what the test checks. Writes are never repeated.
+        attempts = 3 if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    raw = response.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as exc:
+                raise RuntimeError(f"{method} {path} -> {exc.code}: {exc.read()[:2000]!r}") from None
+            except (TimeoutError, ConnectionError, urllib.error.URLError):
+                if attempt == attempts:
+                    raise
+                time.sleep(2)
+        raise AssertionError("unreachable")
 
-    def token(self) -> str:
-        if self._token is None:
-            reply = self.api("POST", "/auth/token", {"username": "admin", "password": self.password},
-                             auth=False)
-            self._token = reply["access_token"]
-        return self._token
+    def token(self, user: str = "admin") -> str:
+        """A bearer token of ``user``: "admin" (role admin) or "viewer" (role viewer)."""
+        if user not in self._tokens:
+            password = self.password if user == "admin" else user
+            reply = self.api("POST", "/auth/token", {"username": user, "password": password}, auth=False)
+            self._tokens[user] = reply["access_token"]
+        return self._tokens[user]
 
     def wait_api(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -216,7 +231,17 @@ class Stack:
             if state in TERMINAL_RUN_STATES:
                 return state
             time.sleep(1)
-        raise TimeoutError(f"run {dag_id}/{run_id} did not finish within {timeout} s")
+        raise TimeoutError(f"run {dag_id}/{run_id} did not finish within {timeout} s; its task instances: "
+                           f"{self._ti_summary(dag_id, run_id)}")
+
+    def _ti_summary(self, dag_id: str, run_id: str) -> str:
+        """Each task instance's state, try and host: what a timed-out test needs to say why."""
+        try:
+            tis = self.task_instances(dag_id, run_id)
+        except (RuntimeError, OSError) as exc:
+            return f"(could not read them: {exc})"
+        return ", ".join(f"{ti['task_id']}[{ti['map_index']}]={ti['state']} try {ti.get('try_number')} "
+                         f"on {ti.get('hostname') or '-'}" for ti in tis)
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Every task instance of the run, paging past the api-server's maximum page size (100)."""

@@ -31,6 +31,14 @@ ARG_DLQ_INDEX = Arg(("index",), nargs="?", type=int, default=0, help="dead lette
 ARG_DLQ_QUEUE = Arg(("--queue",), help="replay to this queue instead of the recorded one")
 ARG_YES = Arg(("-y", "--yes"), action="store_true", help="confirm purge")
 
+ARG_WORKER = Arg(("worker",), help="Worker node name, as the WORKER column of `airflow asyncq status` shows it")
+ARG_MAINTENANCE_STATE = Arg(("state",), choices=("on", "off"),
+                            help="on: take no new work, finish what runs; off: take work again")
+ARG_COMMENT = Arg(("--comment",), help="Why, shown with the worker in status and on the fleet page")
+ARG_PROBE_HOSTNAME = Arg(("-H", "--hostname"),
+                         help="Node name of the worker to check, %%h for this host's name (default: every "
+                              "worker registered from this host)")
+
 ASYNCQ_COMMANDS = (
     ActionCommand(
         name="worker",
@@ -50,6 +58,18 @@ ASYNCQ_COMMANDS = (
         help="Inspect, replay or purge the dead-letter list",
         func=lazy_load_command("airflow_asyncq_provider.cli.dlq.dlq"),
         args=(ARG_DLQ_ACTION, ARG_DLQ_INDEX, ARG_DLQ_QUEUE, ARG_YES, ARG_JSON),
+    ),
+    ActionCommand(
+        name="maintenance",
+        help="Put a worker in maintenance (no new work, running tasks finish) or take it out",
+        func=lazy_load_command("airflow_asyncq_provider.cli.maintenance.maintenance"),
+        args=(ARG_WORKER, ARG_MAINTENANCE_STATE, ARG_COMMENT),
+    ),
+    ActionCommand(
+        name="probe",
+        help="Liveness check: exit 0 if this host's worker heartbeats and its consumer ticks, else 1 and why",
+        func=lazy_load_command("airflow_asyncq_provider.cli.probe.probe"),
+        args=(ARG_PROBE_HOSTNAME,),
     ),
 )
 

@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import sys
 import time
 from typing import Any
 
+from airflow_asyncq_provider import exitcodes
+from airflow_asyncq_provider.cli.connect import fail
 from airflow_asyncq_provider.cli.status import render_table
-
-_TOKEN = re.compile(r'("token"\s*:\s*")[^"]*(")')
+from airflow_asyncq_provider.redaction import mask_payload
 
 
 def _pick(records: list[dict[str, Any]], index: int) -> dict[str, Any]:
     if not 0 <= index < len(records):
-        print(f"error: no dead letter #{index}; `airflow asyncq dlq list` shows {len(records)}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"no dead letter #{index}; `airflow asyncq dlq list` shows {len(records)}", exitcodes.CONFIG)
     return records[index]
-
-
-def mask_payload(payload: str) -> str:
-    return _TOKEN.sub(r"\1***\2", payload)
 
 
 def dlq(args: argparse.Namespace) -> None:
@@ -50,18 +44,18 @@ def dlq(args: argparse.Namespace) -> None:
     elif action == "replay":
         record = _pick(records, args.index)
         queue = args.queue or record.get("queue") or settings.default_queue
-        from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD, make_celery_app
+        from airflow_asyncq_provider.broker.config import make_celery_app
+        from airflow_asyncq_provider.broker.messages import send_workload
+        from airflow_asyncq_provider.state import records
 
-        app = make_celery_app(settings)
         task_id = record.get("id")
         if task_id:
-            client.hdel(keys.task(task_id), "deliveries")  # a replay starts its delivery count afresh
-        app.send_task(EXECUTE_WORKLOAD, args=(record.get("payload"), record.get("meta")), task_id=task_id,
-                      queue=queue, argsrepr=f"(<replayed workload {task_id}>)", kwargsrepr="{}")
+            records.reset_deliveries(client, keys, task_id)  # a replay starts its delivery count afresh
+        send_workload(make_celery_app(settings), task_id=task_id, payload=record.get("payload"),
+                      meta=record.get("meta"), queue=queue)
         store.remove(client, keys, record)
         print(f"replayed #{args.index} ({task_id}) to queue {queue!r}")
     elif action == "purge":
         if not args.yes:
-            print("error: purge deletes every dead letter; add --yes to confirm", file=sys.stderr)
-            raise SystemExit(2)
+            fail("purge deletes every dead letter; add --yes to confirm", exitcodes.CONFIG)
         print(f"purged {store.purge(client, keys)} dead letter(s)")

@@ -1,4 +1,8 @@
-"""``airflow asyncq status``: the fleet as a table a person can read (or ``--json``)."""
+"""``airflow asyncq status``: the fleet as tables a person can read (or ``--json``).
+
+The data comes from ``state.overview.snapshot``, the same function the fleet page in the Airflow UI
+reads; this module only turns its values into columns.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +11,43 @@ import json
 import time
 from typing import Any
 
-from airflow_asyncq_provider.state.urls import mask_url
-
-# A consumer loop that has not ticked for this long is stuck, even if the heartbeat thread still runs.
-STUCK_AFTER = 30.0
-MIB = 1024**2
+from airflow_asyncq_provider.redaction import mask_url
+from airflow_asyncq_provider.sizes import MIB
+from airflow_asyncq_provider.state import overview
 
 
 def _mib(value: Any) -> int | None:
     return round(float(value) / MIB) if value not in (None, "") else None
 
 
-def health(info: dict[str, Any], now: float) -> str:
-    """ok, draining, or stuck: the registry proves the worker *consumes*, not merely that it lives."""
-    if info.get("draining") is True:
-        return "draining"
-    tick = float(info.get("consumer_tick_at") or 0)
-    if tick and now - tick > STUCK_AFTER:
-        return f"stuck consumer ({now - tick:.0f} s)"
-    return "ok" if tick else "starting"
-
-
-def native_lane(info: dict[str, Any]) -> str:
-    """The worker's native lane in a word or three: "-" when it runs none."""
-    lane = info.get("native")
-    if not isinstance(lane, dict):
+def _maintenance(record: dict[str, Any] | None) -> str:
+    if not record:
         return "-"
-    restarts = int(lane.get("restarts") or 0)
-    suffix = f", {restarts} restart(s)" if restarts else ""
-    if lane.get("gave_up"):
-        return f"down, gave up{suffix}"
-    state = "ok" if lane.get("alive") else "down"
-    return f"{state} {lane.get('loop_concurrency', 0)}+{lane.get('sync_threads', 0)}{suffix}"
+    return f"on: {record.get('comment')}" if record.get("comment") else "on"
 
 
 def fleet_rows(workers: dict[str, dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    rows = []
-    for name, info in sorted(workers.items()):
-        beat = float(info.get("heartbeat_at") or 0)
-        started = float(info.get("started_at") or 0)
-        rows.append({
-            "worker": name,
-            "health": health(info, now),
-            "queues": ",".join(info.get("queues") or []),
-            "slots": info.get("slots"),
-            "running": info.get("running"),
-            "free": info.get("free"),
-            "mem_budget_mib": _mib(info.get("memory_budget")),
-            "mem_reserved_mib": _mib(info.get("memory_reserved")),
-            "mem_in_use_mib": _mib(info.get("memory_in_use")),
-            "heartbeat_age_s": round(now - beat, 1) if beat else None,
-            "up_s": round(now - started) if started else None,
-            "version": info.get("version"),
-            "native": native_lane(info),
-        })
-    return rows
+    return [{
+        "worker": row["worker"], "health": row["health"], "queues": ",".join(row["queues"]),
+        "slots": row["slots"], "running": row["running"], "free": row["free"],
+        "mem_budget_mib": _mib(row["memory_budget"]), "mem_reserved_mib": _mib(row["memory_reserved"]),
+        "mem_in_use_mib": _mib(row["memory_in_use"]), "heartbeat_age_s": row["heartbeat_age_s"],
+        "up_s": row["up_s"], "version": row["version"], "native": row["native"],
+        "maintenance": _maintenance(row["maintenance"]),
+    } for row in overview.worker_rows(workers, now)]
 
 
-def task_rows(workers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for name, info in sorted(workers.items()):
-        tasks = info.get("tasks") if isinstance(info.get("tasks"), dict) else {}
-        for task_id, task in sorted(tasks.items()):
-            rows.append({"worker": name, "task": task_id, "pid": task.get("pid"),
-                         "pss_mib": _mib(task.get("pss")), "limit_mib": _mib(task.get("limit"))})
-    return rows
+def task_rows(workers: dict[str, dict[str, Any]], now: float | None = None) -> list[dict[str, Any]]:
+    now = time.time() if now is None else now
+    return [{"worker": row["worker"], "task": row["task"], "pid": row["pid"], "pss_mib": _mib(row["pss"]),
+             "limit_mib": _mib(row["limit"])} for row in overview.task_rows(workers, now)]
+
+
+def queue_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"queue": r["queue"], "depth": r["depth"],
+             "by_priority": " ".join(f"{step}:{n}" for step, n in sorted(r["by_step"].items())) or "-",
+             "oldest_s": r["oldest_age_s"], "consumers": len(r["consumers"]),
+             "warning": "no live worker consumes it" if r["unconsumed"] else ""} for r in rows]
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
@@ -90,13 +66,19 @@ def status(args: argparse.Namespace) -> None:
     from airflow_asyncq_provider.state import registry
 
     settings, client, keys = connect("airflow asyncq status")
+    now = time.time()
     workers = registry.live_workers(client, keys)
-    rows, tasks = fleet_rows(workers, time.time()), task_rows(workers)
+    rows, tasks = fleet_rows(workers, now), task_rows(workers, now)
+    queues = queue_rows(overview.queue_rows(client, keys, workers, now))
     if args.json:
-        print(json.dumps({"broker": mask_url(settings.broker_url), "workers": rows, "tasks": tasks}, indent=2))
-    else:
-        print(f"broker: {mask_url(settings.broker_url)}")
-        print(render_table(rows))
-        if tasks:
-            print("\nrunning tasks:")
-            print(render_table(tasks))
+        print(json.dumps({"broker": mask_url(settings.broker_url), "workers": rows, "tasks": tasks,
+                          "queues": queues}, indent=2))
+        return
+    print(f"broker: {mask_url(settings.broker_url)}")
+    print(render_table(rows))
+    if tasks:
+        print("\nrunning tasks:")
+        print(render_table(tasks))
+    if queues:
+        print("\nqueues:")
+        print(render_table(queues))

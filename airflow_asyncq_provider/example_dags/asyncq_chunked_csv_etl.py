@@ -17,19 +17,21 @@ What it shows, in the order of the graph:
 4. ``check`` compares both results with the truth, exactly (amounts are summed as integer cents), and
    checks the malformed-row count. ``cleanup`` removes the run's files unless ``params.keep_files``.
 
+The CSV, the Parquet parts and the attempt markers go to ``[asyncq] shared_storage`` (a path every
+worker host mounts, or an object storage URL such as ``s3://aws_default@bucket/prefix``), because the
+chunk tasks run on whichever workers are free. Unset, they go to the temp dir: a one-host fleet only.
+
 Try it with a bigger file: trigger with ``{"size_mb": 2048}``; the chunk tasks' memory stays the same.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from airflow_asyncq_provider.operators import ChunkedFileOperator, chunked_fan_out
-from airflow_asyncq_provider.operators.storage import default_work_dir
+from airflow_asyncq_provider.operators import ChunkedFileOperator, chunked_fan_out, storage
 
 DAG_ID = "asyncq_chunked_csv_etl"
 MEMORY_BUDGET = "512MiB"
@@ -43,7 +45,8 @@ BLOCK_ROWS = 250_000
 
 
 def generate_sales_csv(path: str, size_bytes: int, *, seed: int = 7, bad_rows: int = 0) -> dict:
-    """Write at least ``size_bytes`` of sales CSV to ``path``; returns the exact truth per region.
+    """Write at least ``size_bytes`` of sales CSV to ``path`` (local or object storage); returns the
+    exact truth per region.
 
     Blocks of rows come from a seeded generator and are written with pyarrow's CSV writer (strings
     quoted, quotes doubled). Every 997th row carries a note with a comma, a quote or a newline.
@@ -60,8 +63,9 @@ def generate_sales_csv(path: str, size_bytes: int, *, seed: int = 7, bad_rows: i
     quantity = np.zeros(len(REGIONS), dtype=np.int64)
     cents = np.zeros(len(REGIONS), dtype=np.int64)
     rows = bad = 0
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "wb") as out:
+    if os.path.dirname(path):
+        storage.makedirs(os.path.dirname(path))
+    with storage.atomic_output(path) as out:
         out.write(",".join(COLUMNS).encode() + b"\n")
         while out.tell() < size_bytes or bad < bad_rows:
             n = max(1, min(BLOCK_ROWS, (size_bytes - out.tell()) // 30 + 1))
@@ -118,7 +122,8 @@ def merge_sums(accumulated, part):
         "size_mb": Param(32, type="integer", minimum=1, description="size of the generated CSV in MiB"),
         "parallelism": Param(4, type="integer", minimum=1, description="cut into at least this many chunks"),
         "bad_rows": Param(4, type="integer", minimum=0, description="malformed rows to mix in"),
-        "data_dir": Param("", type="string", description="where to write the CSV (default: temp dir)"),
+        "data_dir": Param("", type="string",
+                          description="where to write the CSV (default: under [asyncq] shared_storage)"),
         "keep_files": Param(False, type="boolean"),
     },
     tags=["asyncq", "example", "chunked"],
@@ -129,8 +134,8 @@ def asyncq_chunked_csv_etl():
     def generate() -> dict:
         context = get_current_context()
         params = context["params"]
-        base = params["data_dir"] or default_work_dir(DAG_ID, context["run_id"], "input")
-        result = generate_sales_csv(os.path.join(base, "sales.csv"), int(params["size_mb"]) * 1024**2,
+        base = params["data_dir"] or storage.default_work_dir(DAG_ID, context["run_id"], "input")
+        result = generate_sales_csv(storage.join(base, "sales.csv"), int(params["size_mb"]) * 1024**2,
                                     bad_rows=int(params["bad_rows"]))
         print(f"wrote {result['rows']:,} rows and {result['bad_rows']} malformed rows, "
               f"{result['bytes']:,} bytes, to {result['path']}")
@@ -161,12 +166,12 @@ def asyncq_chunked_csv_etl():
 
     @task
     def check(truth: dict, expected_bad: int, fanned: dict, streamed: dict) -> dict:
-        import pandas as pd
+        from airflow_asyncq_provider.operators.results import read_parquet
 
         ti = get_current_context()["ti"]
         for name, result, stats_task in (("fan-out", fanned, "aggregate.combine"),
                                          ("streaming", streamed, "aggregate_streaming")):
-            frame = pd.read_parquet(result["parquet"]).set_index("region").sort_index()
+            frame = read_parquet(result["parquet"]).set_index("region").sort_index()
             got = {region: {k: int(v) for k, v in row.items()} for region, row in frame.iterrows()}
             if got != truth:
                 raise ValueError(f"{name} totals differ from the truth:\n got   {got}\n truth {truth}")
@@ -185,10 +190,9 @@ def asyncq_chunked_csv_etl():
         if context["params"]["keep_files"]:
             print("keep_files is set; leaving the run's files in place")
             return
-        run_dir = os.path.dirname(default_work_dir(DAG_ID, context["run_id"], "x"))
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if os.path.exists(path):
-            os.remove(path)
+        run_dir = storage.run_work_dir(DAG_ID, context["run_id"])
+        storage.remove_tree(run_dir)
+        storage.remove_tree(path)  # a data_dir of its own lies outside the run's work dir
         print(f"removed {path} and {run_dir}")
 
     checked = check(data["truth"], data["bad_rows"], fan.output, streaming.output)

@@ -18,6 +18,8 @@ What it shows:
 5. ``check`` verifies that every generated row was counted exactly once across the chunks.
 
 It needs the memory watchdog of ``airflow asyncq worker`` (memory limits from ``executor_config``).
+The CSV and the attempt markers go to ``[asyncq] shared_storage``: the retry may run on another
+worker host than the try that was killed, and it must find that try's marker.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import os
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from airflow_asyncq_provider.operators import chunked_fan_out
-from airflow_asyncq_provider.operators.storage import default_work_dir
+from airflow_asyncq_provider.operators import chunked_fan_out, storage
+from airflow_asyncq_provider.sizes import MIB
 
 DAG_ID = "asyncq_memory_guard"
-MIB = 1024**2
 MEMORY_LIMIT = 1536 * MIB
 # what the whole heavy chunk would need: 1.25x the limit, so half of it (0.62x) fits beside the interpreter
 HEAVY_WORKING_SET = int(MEMORY_LIMIT * 1.25)
@@ -40,11 +41,12 @@ HEAVY_WORKING_SET = int(MEMORY_LIMIT * 1.25)
 
 def write_rows(path: str, rows: int) -> int:
     """Fixed-width rows, so chunks and pieces hold the same number of rows whatever the cut."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as out:
-        out.write("id,sensor,value\n")
-        for i in range(rows):
-            out.write(f"{i:09d},s{i % 97:02d},{(i * 7919) % 100_000:06d}\n")
+    storage.makedirs(os.path.dirname(path))
+    with storage.atomic_output(path) as out:
+        out.write(b"id,sensor,value\n")
+        for start in range(0, rows, 10_000):
+            out.write("".join(f"{i:09d},s{i % 97:02d},{(i * 7919) % 100_000:06d}\n"
+                              for i in range(start, min(rows, start + 10_000))).encode())
     return rows
 
 
@@ -86,7 +88,7 @@ def asyncq_memory_guard():
     @task
     def generate() -> str:
         context = get_current_context()
-        path = os.path.join(default_work_dir(DAG_ID, context["run_id"], "input"), "readings.csv")
+        path = storage.join(storage.default_work_dir(DAG_ID, context["run_id"], "input"), "readings.csv")
         rows = write_rows(path, int(context["params"]["rows"]))
         print(f"wrote {rows} rows to {path}")
         return path

@@ -3,14 +3,16 @@
 Runs at 06:15 UTC every day once unpaused (``schedule="15 6 * * *"``, no catchup), and on demand.
 
 1. ``seed_source`` stands in for the upstream system: it makes sure the day's order export exists as
-   a local JSONL file (``params.orders`` orders, seeded by the date, so a re-run sees the same data).
-   Pass ``params.source`` to report on an existing file instead.
+   a JSONL file under ``[asyncq] shared_storage`` (``params.orders`` orders, seeded by the date, so a
+   re-run sees the same data), where every page task can read it, whichever host it runs on. Pass
+   ``params.source`` to report on an existing file instead (a path every worker reaches, or a URL).
 2. ``pages`` is a ``chunked_fan_out`` over that file with ``file_format="jsonl"``: ``split`` cuts it
    into at least ``params.pages`` record-aligned pages, the mapped ``process`` fetches its page in
    parallel on the fleet and returns a small per-product summary (it travels through XCom as a value,
    no Parquet needed), and ``combine`` adds the summaries up.
 3. ``write_report`` writes ``sales-report-<date>.csv`` (product, orders, quantity, revenue) under
-   ``params.reports_dir`` and returns its path and totals.
+   ``params.reports_dir`` (default: ``asyncq-reports`` under the shared storage) and returns its path
+   and totals.
 
 Every task has ``on_failure_callback=notify_failure``: with a recipient (``params.notify_email`` or
 the ``ASYNCQ_REPORT_EMAIL`` environment variable) and an ``smtp_default`` connection it sends an
@@ -21,6 +23,7 @@ with ``{"source": "/no/such/file.jsonl"}`` to see it: ``split`` fails at once wi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -29,7 +32,7 @@ import random
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from airflow_asyncq_provider.operators import chunked_fan_out
+from airflow_asyncq_provider.operators import chunked_fan_out, storage
 
 DAG_ID = "asyncq_report_pipeline"
 PRODUCTS = [f"SKU-{i:03d}" for i in range(20)]
@@ -43,16 +46,14 @@ def report_date(context) -> str:
 
 
 def write_orders(path: str, orders: int, seed: str) -> None:
-    """The day's export: one JSON object per line."""
+    """The day's export: one JSON object per line, appearing whole or not at all."""
     rng = random.Random(seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as out:
+    storage.makedirs(os.path.dirname(path))
+    with storage.atomic_output(path) as out:
         for i in range(orders):
-            out.write(json.dumps({"order_id": i, "product": rng.choice(PRODUCTS), "store": rng.randint(1, 40),
-                                  "qty": rng.randint(1, 5), "price_cents": rng.randint(199, 9999),
-                                  "note": rng.choice(["", "gift", "express, fragile"])}) + "\n")
-    os.replace(tmp, path)
+            out.write((json.dumps({"order_id": i, "product": rng.choice(PRODUCTS), "store": rng.randint(1, 40),
+                                   "qty": rng.randint(1, 5), "price_cents": rng.randint(199, 9999),
+                                   "note": rng.choice(["", "gift", "express, fragile"])}) + "\n").encode())
 
 
 def page_summary(frame, chunk):
@@ -107,7 +108,7 @@ def notify_failure(context) -> None:
         "orders": Param(40_000, type="integer", minimum=0, description="orders in the seeded export"),
         "pages": Param(4, type="integer", minimum=1, description="read the export in at least N pages"),
         "source": Param("", type="string", description="report on this JSONL file instead of the seeded one"),
-        "reports_dir": Param("", type="string", description="default: <temp dir>/asyncq-reports"),
+        "reports_dir": Param("", type="string", description="default: asyncq-reports under [asyncq] shared_storage"),
         "notify_email": Param("", type="string", description="recipient of failure e-mails"),
     },
     default_args={"on_failure_callback": notify_failure},
@@ -122,13 +123,10 @@ def asyncq_report_pipeline():
         if params["source"]:
             return params["source"]
         day = report_date(context)
-        import tempfile
-
-        name = f"orders-{day}-{params['orders']}.jsonl"
-        path = os.path.join(tempfile.gettempdir(), "asyncq-report-source", name)
-        if not os.path.exists(path):
+        path = storage.shared_path("asyncq-report-source", f"orders-{day}-{params['orders']}.jsonl")
+        if not storage.exists(path):
             write_orders(path, int(params["orders"]), seed=day)
-        print(f"export for {day}: {path} ({os.path.getsize(path):,} bytes)")
+        print(f"export for {day}: {path} ({storage.input_size(path):,} bytes)")
         return path
 
     source = seed_source()
@@ -145,20 +143,19 @@ def asyncq_report_pipeline():
 
     @task
     def write_report(summary: dict | None) -> dict:
-        import tempfile
-
         context = get_current_context()
         day = report_date(context)
-        reports_dir = (context["params"]["reports_dir"]
-                       or os.path.join(tempfile.gettempdir(), "asyncq-reports"))
-        os.makedirs(reports_dir, exist_ok=True)
-        path = os.path.join(reports_dir, f"sales-report-{day}.csv")
+        reports_dir = context["params"]["reports_dir"] or storage.shared_path("asyncq-reports")
+        storage.makedirs(reports_dir)
+        path = storage.join(reports_dir, f"sales-report-{day}.csv")
         rows = sorted((summary or {}).items())
-        with open(path, "w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(["product", "orders", "quantity", "revenue"])
-            for product, (orders, quantity, cents) in rows:
-                writer.writerow([product, orders, quantity, f"{cents // 100}.{cents % 100:02d}"])
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["product", "orders", "quantity", "revenue"])
+        for product, (orders, quantity, cents) in rows:
+            writer.writerow([product, orders, quantity, f"{cents // 100}.{cents % 100:02d}"])
+        with storage.atomic_output(path) as out:  # one small file: a product per row
+            out.write(text.getvalue().encode())
         totals = {"path": path, "products": len(rows), "orders": sum(v[0] for _, v in rows),
                   "revenue_cents": sum(v[2] for _, v in rows)}
         print(f"report for {day}: {totals}")

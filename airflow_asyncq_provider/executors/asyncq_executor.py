@@ -7,20 +7,22 @@ neither Celery nor Redis at module level, and ``__init__`` opens no connection: 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.executors.base_executor import BaseExecutor
-from airflow.utils.state import TaskInstanceState
+from airflow.executors.workloads.types import state_class_for_key
 
+from airflow_asyncq_provider import metrics
 from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError, PublishError
-from airflow_asyncq_provider.state import events
+from airflow_asyncq_provider.executors.liveness import LivenessMixin
+from airflow_asyncq_provider.executors.outgoing import Outgoing, outgoing_for
+from airflow_asyncq_provider.executors.tracking import Tracked
+from airflow_asyncq_provider.redaction import mask_secrets, mask_url
+from airflow_asyncq_provider.state import events, fleet_events, records
 from airflow_asyncq_provider.state.keys import Keys
-from airflow_asyncq_provider.state.urls import mask_secrets, mask_url
 
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
@@ -31,41 +33,18 @@ if TYPE_CHECKING:
 # How often the executor checks liveness of the workers its tasks run on, and unconsumed queues.
 LIVENESS_EVERY = 5.0
 QUEUE_CHECK_EVERY = 30.0
+# How often queue depth and age gauges are read (docs/METRICS.md), only while [metrics] is on.
+QUEUE_METRICS_EVERY = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Outgoing:
-    key: Any
-    task_id: str
-    queue: str
-    priority: int
-    workload: Any
-    meta: dict[str, Any]
-    key_json: str
-
-
-@dataclasses.dataclass
-class Tracked:
-    """What the executor remembers of one workload it published (or adopted)."""
-
-    task_id: str
-    queue: str
-    published_at: float
-    hostname: str | None = None
-    received: bool = False
-    started: bool = False
-    warned_unconsumed: bool = False
-    # Kept until a worker starts it, so the executor can publish it again (Redis lost it, or its
-    # token expired in the queue). ``None`` for adopted work, which this scheduler never published.
-    outgoing: Outgoing | None = None
-    lease_missing_since: float | None = None
-
-
-class AsyncQExecutor(BaseExecutor):
+class AsyncQExecutor(LivenessMixin, BaseExecutor):
     """Runs task instances on ``airflow asyncq worker`` processes over Redis."""
 
     pre_assigns_external_executor_id: ClassVar[bool] = True
     supports_callbacks: bool = True
+    # A team's executor reads its own [asyncq]: self.conf looks up AIRFLOW__<TEAM>___ASYNCQ__* and the
+    # [<team>=asyncq] section, then the defaults; never the global [asyncq] (docs/OPERATIONS.md).
+    supports_multi_team: bool = True
     is_local: bool = False
     serve_logs: bool = False
 
@@ -82,14 +61,17 @@ class AsyncQExecutor(BaseExecutor):
         self._publish_failures: Counter[Any] = Counter()
         self._next_liveness = 0.0
         self._next_queue_check = 0.0
+        self._next_queue_metrics = 0.0
+        self._metric_queues: set[str] = set()  # queues reported non-empty last time
         self._redis_run_id: str | None = None
         self._recovery_at: float | None = None
+        self._recovery_ids: set[str] = set()  # the workloads a Redis switch may have lost (liveness.py)
         self._grace_until = 0.0
         self._warned_stuck: set[str] = set()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        from airflow_asyncq_provider.celery_app import make_celery_app
+        from airflow_asyncq_provider.broker.config import make_celery_app
         from airflow_asyncq_provider.settings import load_settings
         from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
 
@@ -149,7 +131,8 @@ class AsyncQExecutor(BaseExecutor):
                 self.queued_callbacks.pop(key, None)
                 self.log.error("Not queueing %s: %s", key, exc)
                 self.fail(key, info=str(exc))
-        outgoing = [item for item in outgoing if not self._refuse_oversized(item)]
+        workers = self._workers_for_requests(outgoing)
+        outgoing = [item for item in outgoing if not self._refuse_oversized(item, None, workers)]
         if not outgoing:
             return
         try:
@@ -166,102 +149,62 @@ class AsyncQExecutor(BaseExecutor):
             self._publish_failures.pop(item.key, None)
             self.running.add(item.key)
             self._track(item.key, Tracked(item.task_id, item.queue, now, outgoing=item))
-            self.event_buffer[item.key] = (TaskInstanceState.QUEUED, item.task_id)
-
-    def _largest_budget(self, queue: str) -> int | None:
-        """The largest memory budget of the live workers consuming ``queue``; None if there are none."""
-        from airflow_asyncq_provider.state import registry
-
-        budgets = [int(w.get("memory_budget") or 0) for w in registry.live_workers(self._redis, self.keys).values()
-                   if queue in (w.get("queues") or [])]
-        return max(budgets) if budgets else None
-
-    def _refuse_oversized(self, item: Outgoing, tracked: Tracked | None = None) -> bool:
-        """Fail a task whose memory request no live worker on its queue could ever admit."""
-        from airflow_asyncq_provider.memory.sizes import format_size
-
-        assert self.settings is not None
-        request = item.meta["memory_request"]
-        if request <= self.settings.default_memory_request:
-            return False
-        try:
-            largest = self._largest_budget(item.queue)
-        except Exception:
-            return False  # the registry is unreachable: publish, and let the workers decide
-        if largest is None or request <= largest:
-            return False
-        reason = (f"memory request {format_size(request)} exceeds every worker's memory budget on queue "
-                  f"{item.queue!r} (largest: {format_size(largest)}); lower executor_config['asyncq']"
-                  "['memory_request'] or start a worker with a larger --memory-budget")
-        self.log.error("Task %s: %s", item.key, reason)
-        self.queued_tasks.pop(item.key, None)
-        self.queued_callbacks.pop(item.key, None)
-        if tracked is not None:
-            self._untrack(item.key)
-            self._revoke_record(item.task_id)
-        self.fail(item.key, info=reason)
-        return True
+            # As BaseExecutor reports it, with the state class of the key (callbacks have their own).
+            self.change_state(item.key, state_class_for_key(item.key).QUEUED, item.task_id,
+                              remove_running=False)
 
     def _outgoing(self, workload: Any) -> Outgoing:
-        from airflow.executors.workloads import ExecuteCallback, ExecuteTask
-
-        from airflow_asyncq_provider.celery_app import priority_step
-        from airflow_asyncq_provider.memory.requests import memory_spec
-
         assert self.settings is not None, "start() was not called"
-        if isinstance(workload, ExecuteTask):
-            ti = workload.ti
-            task_id = ti.external_executor_id or str(ti.id)
-            key_json = json.dumps({"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id,
-                                   "try_number": ti.try_number, "map_index": ti.map_index})
-            spec = memory_spec(ti.executor_config, f"{ti.dag_id}.{ti.task_id}",
-                               self.settings.default_memory_request, self.settings.default_memory_limit)
-            return Outgoing(ti.key, task_id, ti.queue or self.settings.default_queue,
-                            priority_step(ti.priority_weight), workload, spec.as_meta(), key_json)
-        if isinstance(workload, ExecuteCallback):
-            data = workload.callback.data if isinstance(workload.callback.data, dict) else {}
-            queue = data.get("queue") or self.settings.default_queue
-            meta = {"memory_request": self.settings.default_memory_request,
-                    "memory_limit": self.settings.default_memory_limit}
-            return Outgoing(workload.callback.key, str(workload.callback.id), queue, 0, workload, meta,
-                            json.dumps({"callback_id": str(workload.callback.id)}))
-        raise ValueError(f"AsyncQExecutor cannot run workloads of type {type(workload).__name__}")
+        return outgoing_for(workload, self.settings)
 
     def _publish(self, outgoing: list[Outgoing]) -> None:
-        """Record, then publish, every workload in one batch over the persistent connection.
+        """Record, publish, then mark sent, every workload in one batch over the persistent connection.
 
-        The record comes first: if the scheduler dies between the two, adoption finds a record
-        without a message, and the message id equals the pre-assigned ``external_executor_id``,
-        so a second publish of the same workload is claimed once and dropped as a duplicate.
+        The record comes first and the sent mark last: if the scheduler dies in between, adoption finds
+        a record without the mark and hands the task instance back to Airflow to reset, instead of
+        waiting for a message that never left (``try_adopt_task_instances``). The message id equals the
+        pre-assigned ``external_executor_id``, so a second publish of the same workload (a retry, a
+        republish) is claimed once and dropped as a duplicate.
         """
-        from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD
+        from airflow_asyncq_provider.broker.messages import send_workload
 
         assert self.settings is not None
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            now = f"{time.time():.3f}"
-            for item in outgoing:
-                record = self.keys.task(item.task_id)
-                pipe.hset(record, mapping={"key": item.key_json, "queue": item.queue, "published_at": now})
-                pipe.hsetnx(record, "state", "published")
-                pipe.expire(record, self.settings.state_ttl)
-            pipe.execute()
+            records.publish(self._redis, self.keys,
+                            [records.NewRecord(i.task_id, i.key_json, i.queue) for i in outgoing],
+                            self.settings.state_ttl)
             producer = self._get_producer()
             batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()
             with batch:
                 for item in outgoing:
-                    self._app.send_task(
-                        EXECUTE_WORKLOAD, args=(item.workload.model_dump_json(), item.meta),
-                        task_id=item.task_id, queue=item.queue, priority=item.priority,
-                        producer=producer, retry=False,
-                        # what Celery logs and Flower shows instead of the payload, which holds a token
-                        argsrepr=f"(<workload {item.key_json}>)", kwargsrepr="{}",
-                    )
+                    send_workload(self._app, task_id=item.task_id, payload=item.workload.model_dump_json(),
+                                  meta=item.meta, queue=item.queue, key=item.label, priority=item.priority,
+                                  producer=producer, retry=False)
         except Exception as exc:
+            for queue, count in Counter(item.queue for item in outgoing).items():
+                metrics.incr("asyncq.executor.publish_failures", {"queue": queue}, count)
             raise PublishError(
                 f"publishing {len(outgoing)} workload(s) to {mask_url(self.settings.broker_url)} failed: "
                 f"{type(exc).__name__}: {mask_secrets(str(exc))}"
             ) from exc
+        for queue, count in Counter(item.queue for item in outgoing).items():
+            metrics.incr("asyncq.executor.published", {"queue": queue}, count)
+        self._mark_sent(outgoing)
+
+    def _mark_sent(self, outgoing: list[Outgoing]) -> None:
+        """Only after the whole batch was sent: a batch that failed part-way is marked at its retry.
+
+        A failure here does not undo the publish, so it is logged, not raised: the workloads run as
+        usual. Only if this scheduler died before a worker took them would an adopter reset them, and
+        the messages that then arrive are refused by the Execution API (the reset TI has a new id)."""
+        assert self.settings is not None
+        try:
+            records.mark_sent(self._redis, self.keys, [item.task_id for item in outgoing],
+                              self.settings.state_ttl)
+        except Exception as exc:
+            self.log.warning("Sent %d workload(s) but could not mark them sent in Redis (%s: %s); they run "
+                             "as usual, but if this scheduler dies before a worker takes them, the adopting "
+                             "scheduler resets them", len(outgoing), type(exc).__name__, mask_secrets(str(exc)))
 
     def _publish_failed(self, item: Outgoing, exc: PublishError) -> None:
         assert self.settings is not None
@@ -307,6 +250,10 @@ class AsyncQExecutor(BaseExecutor):
         if self._tracked and now >= self._next_queue_check:
             self._next_queue_check = now + min(QUEUE_CHECK_EVERY, self.settings.unconsumed_queue_warning / 2)
             self._guarded(self._check_waiting)
+        if now >= self._next_queue_metrics and metrics.enabled():
+            self._next_queue_metrics = now + QUEUE_METRICS_EVERY
+            self._guarded(self._emit_queue_metrics)
+        metrics.timing("asyncq.executor.sync_duration", time.monotonic() - now)
 
     def _guarded(self, step: Any) -> None:
         try:
@@ -340,6 +287,7 @@ class AsyncQExecutor(BaseExecutor):
         tracked = self._tracked.get(key)
         if tracked is None or tracked.task_id != task_id:
             return  # an earlier workload of the same key (e.g. before it deferred)
+        metrics.incr("asyncq.executor.events_applied", {"kind": kind})
         if info.get("hostname") and kind != events.DUPLICATE:  # the dropping worker is not the runner
             tracked.hostname = info["hostname"]
         if kind == events.RECEIVED:
@@ -363,16 +311,28 @@ class AsyncQExecutor(BaseExecutor):
                           info.get("reason"))
 
     # ---------------------------------------------------------------- recovery
-    def _republish(self, items: list[Outgoing], why: str) -> None:
+    def _republish(self, items: list[Outgoing], why: str, reason: str = "other") -> bool:
+        """``reason``: a short kind for the metric (redis_restart, token_expired); ``why``: for people.
+        False when the publish failed: the caller keeps what it needs to try again."""
         try:
             self._publish(items)
         except PublishError as exc:
             self._reset_producer()
             self.log.warning("Re-publishing %d workload(s) (%s) failed, will retry: %s", len(items), why, exc)
-            return
+            return False
+        metrics.incr("asyncq.executor.republished", {"reason": reason}, len(items))
         for item in items:
             self._tracked[item.key].published_at = time.time()
             self.log.warning("Re-published %s as %s: %s", item.key, item.task_id, why)
+            self._fleet_event(fleet_events.REPUBLISHED, task=item.task_id, key=item.label, reason=why)
+        return True
+
+    def _fleet_event(self, kind: str, **fields: Any) -> None:
+        """For the fleet page; losing one of these must never disturb the scheduler loop."""
+        try:
+            fleet_events.record(self._redis, self.keys, kind, **fields)
+        except Exception:
+            self.log.debug("Could not record fleet event %s", kind, exc_info=True)
 
     def _republish_with_fresh_token(self, key: Any, tracked: Tracked) -> None:
         """A worker found the workload's token expired before starting it; mint a new one and resend.
@@ -388,116 +348,11 @@ class AsyncQExecutor(BaseExecutor):
             self.fail(key, info="token expired while the workload waited in the queue "
                                 "([scheduler] task_queued_timeout); Airflow retries it")
             return
-        subject = str(item.workload.ti.id) if hasattr(item.workload, "ti") else str(item.workload.callback.id)
-        token = type(item.workload).generate_token(subject, self.jwt_generator)
-        fresh = dataclasses.replace(item, workload=item.workload.model_copy(update={"token": token}))
+        fresh = item.with_fresh_token(self.jwt_generator)
         tracked.outgoing = fresh
-        self._republish([fresh], "its token expired while it waited in the queue; sent with a fresh token")
-
-    def _check_redis_restart(self) -> None:
-        """A Redis that keeps nothing on disk forgets queues, records and the stream when it restarts."""
-        run_id = self._redis.info("server").get("run_id")
-        if self._redis_run_id is None:
-            self._redis_run_id = run_id
-        elif run_id != self._redis_run_id:
-            self._redis_run_id = run_id
-            self._last_event_id = "0-0"  # the stream was recreated: read it from its start
-            assert self.settings is not None
-            # Workers re-assert claims and leases within one heartbeat; only then can "no record"
-            # be trusted to mean "no worker has it".
-            self._recovery_at = time.monotonic() + 2 * self.settings.worker_heartbeat_interval
-            self._grace_until = time.monotonic() + self.settings.worker_lost_timeout
-            self.log.warning("Redis restarted (run_id changed); checking %d tracked workload(s) for lost "
-                             "messages after the workers' next heartbeat", len(self._tracked))
-
-    def _recover_lost_messages(self) -> None:
-        if self._recovery_at is None or time.monotonic() < self._recovery_at:
-            return
-        self._recovery_at = None
-        candidates = [(key, t) for key, t in self._tracked.items() if not t.started and t.outgoing]
-        if not candidates:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for _key, tracked in candidates:
-            pipe.hget(self.keys.task(tracked.task_id), "claimed_by")
-        lost = [t.outgoing for (_k, t), owner in zip(candidates, pipe.execute(), strict=True) if not owner]
-        if lost:
-            self._republish([item for item in lost if item is not None],
-                            "Redis restarted and lost it before any worker claimed it")
-
-    def _check_worker_liveness(self) -> None:
-        """Fail the tasks of a worker that stopped heartbeating, or whose lease ran out."""
-        from airflow_asyncq_provider.state import registry
-
-        assert self.settings is not None
-        if time.monotonic() < self._grace_until:
-            return  # just after a Redis restart, registry and leases are being rebuilt
-        started = [(key, t) for key, t in self._tracked.items() if t.started or t.hostname]
-        if not started:
-            return
-        hosts = sorted({t.hostname for _key, t in started if t.hostname})
-        alive = registry.alive(self._redis, self.keys, hosts)
-        pipe = self._redis.pipeline(transaction=False)
-        for _key, tracked in started:
-            pipe.exists(self.keys.lease(tracked.task_id))
-            pipe.hgetall(self.keys.task(tracked.task_id))
-        replies = pipe.execute()
-        now = time.monotonic()
-        for (key, tracked), has_lease, record in zip(started, replies[0::2], replies[1::2], strict=True):
-            state = record.get("state")
-            if state in events.TERMINAL:  # it finished; the event may still be on its way
-                self._apply(tracked.task_id, state, record)
-                continue
-            if not tracked.started:
-                continue
-            if not alive.get(tracked.hostname or "", False):
-                reason = (f"worker {tracked.hostname} lost: no heartbeat for more than "
-                          f"{self.settings.worker_lost_timeout:g} s")
-            elif has_lease:
-                tracked.lease_missing_since = None
-                continue
-            else:
-                tracked.lease_missing_since = tracked.lease_missing_since or now
-                if now - tracked.lease_missing_since < self.settings.worker_lost_timeout:
-                    continue
-                reason = f"lease expired: worker {tracked.hostname} is alive but no longer runs this task"
-            self.log.error("Task %s: %s", key, reason)
-            self._untrack(key)
-            self.fail(key, info=reason)
-
-    def _check_waiting(self) -> None:
-        """Workloads nobody has taken yet: warn about unconsumed queues, refuse impossible requests."""
-        from airflow_asyncq_provider.state import registry
-
-        assert self.settings is not None
-        cutoff = time.time() - self.settings.unconsumed_queue_warning
-        waiting = [(key, t) for key, t in self._tracked.items() if not t.received]
-        if not waiting:
-            return
-        live = registry.live_workers(self._redis, self.keys)
-        consumed = {q for w in live.values() for q in (w.get("queues") or [])}
-        self._warn_stuck_consumers(live)
-        for key, tracked in waiting:
-            if tracked.outgoing is not None and self._refuse_oversized(tracked.outgoing, tracked):
-                continue
-            if tracked.queue not in consumed and not tracked.warned_unconsumed and tracked.published_at < cutoff:
-                tracked.warned_unconsumed = True
-                self.log.warning(
-                    "Workload %s (%s) has waited %.0f s on queue %r, which no live worker consumes; start "
-                    "one with `airflow asyncq worker -q %s`",
-                    tracked.task_id, key, time.time() - tracked.published_at, tracked.queue, tracked.queue)
-
-    def _warn_stuck_consumers(self, live: dict[str, dict[str, Any]]) -> None:
-        from airflow_asyncq_provider.cli.status import health
-
-        for name, info in live.items():
-            verdict = health(info, time.time())
-            if verdict.startswith("stuck") and name not in self._warned_stuck:
-                self._warned_stuck.add(name)
-                self.log.warning("Worker %s heartbeats but its consumer is %s: it takes no new work; "
-                                 "restart it (`airflow asyncq status` shows it)", name, verdict)
-            elif not verdict.startswith("stuck"):
-                self._warned_stuck.discard(name)
+        metrics.incr("asyncq.executor.token_refreshes", {"queue": item.queue})
+        self._republish([fresh], "its token expired while it waited in the queue; sent with a fresh token",
+                        reason="token_expired")
 
     # ---------------------------------------------------------------- adoption and revoke
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
@@ -512,22 +367,35 @@ class AsyncQExecutor(BaseExecutor):
             return [ti for ti in tis if ti not in mine]
         if not candidates:
             return not_adopted
-        pipe = self._redis.pipeline(transaction=False)
-        for ti in candidates:
-            pipe.hgetall(self.keys.task(ti.external_executor_id))
         adopted = []
-        for ti, record in zip(candidates, pipe.execute(), strict=True):
+        found = records.read(self._redis, self.keys, [ti.external_executor_id for ti in candidates])
+        for ti, record in zip(candidates, found, strict=True):
             if not record:
                 not_adopted.append(ti)
                 continue
             task_id = ti.external_executor_id
-            tracked = Tracked(task_id, record.get("queue", ti.queue),
-                              float(record.get("published_at") or time.time()),
-                              hostname=record.get("hostname") or record.get("claimed_by"),
-                              received="claimed_by" in record)
+            if records.never_sent(record):
+                # Its scheduler wrote the record and died before the message was sent (or before it
+                # marked it sent). Holding no workload, this executor cannot send it, so adopting it would
+                # leave it queued until [scheduler] task_queued_timeout. Not adopted, Airflow resets it
+                # (jobs/scheduler_job_runner.py, adopt_or_reset_orphaned_tasks: every TI returned here
+                # gets prepare_db_for_next_try, which gives it a new id, then state None and no
+                # external_executor_id) and schedules it again, as its next try number. Nothing ran, so
+                # nothing runs twice. Records of older versions have no sent mark and read the same: a
+                # message that was in fact sent reaches a worker whose Execution API call is refused,
+                # since the reset TI has a new id.
+                self.log.warning("Not adopting %s: record %s shows no sign that its message was ever sent "
+                                 "(its scheduler died between recording and sending it); Airflow resets "
+                                 "it and queues it again", ti, task_id)
+                self._revoke_record(task_id)  # a message that did go out is dropped before it is claimed
+                not_adopted.append(ti)
+                continue
+            tracked = Tracked(task_id, record.get(records.QUEUE, ti.queue),
+                              float(record.get(records.PUBLISHED_AT) or time.time()),
+                              hostname=records.owner_of(record), received=records.is_claimed(record))
             self.running.add(ti.key)
             self._track(ti.key, tracked)
-            state = record.get("state", "published")
+            state = record.get(records.STATE, records.PUBLISHED)
             if state in events.TERMINAL or state == events.STARTED:
                 self._apply(task_id, state, record)
             adopted.append(f"{ti} ({state})")
@@ -550,10 +418,6 @@ class AsyncQExecutor(BaseExecutor):
         if self._redis is None or self.settings is None:
             return
         try:
-            record = self.keys.task(task_id)
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(record, "revoked", f"{time.time():.3f}")
-            pipe.expire(record, self.settings.state_ttl)
-            pipe.execute()
+            records.revoke(self._redis, self.keys, task_id, self.settings.state_ttl)
         except Exception:
             self.log.exception("Could not revoke %s", task_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from airflow_asyncq_provider.memory.sizes import format_size
+from airflow_asyncq_provider.sizes import format_size
 
 log = logging.getLogger(__name__)
 

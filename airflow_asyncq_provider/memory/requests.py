@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from airflow_asyncq_provider.errors import ConfigError
-from airflow_asyncq_provider.memory.sizes import format_size, parse_size
+from airflow_asyncq_provider.sizes import format_size, parse_size
 
 FIELDS = ("memory_request", "memory_limit")
 

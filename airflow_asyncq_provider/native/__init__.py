@@ -5,9 +5,24 @@ and called from DAGs with ``QueueTaskOperator`` (docs/NATIVE_TASKS.md).
 
     @fleet.task(bind=True, max_retries=3)
     async def fetch(self, url: str) -> dict: ...
+
+Lazy (PEP 562, as Celery's own package is): reading ``NATIVE_QUEUE`` imports no Celery.
 """
 
-from airflow_asyncq_provider.native.app import fleet
-from airflow_asyncq_provider.native.keys import NATIVE_QUEUE
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["NATIVE_QUEUE", "fleet"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "fleet":
+        from airflow_asyncq_provider.native.app import fleet
+
+        return fleet
+    if name == "NATIVE_QUEUE":
+        from airflow_asyncq_provider.state.keys import NATIVE_QUEUE
+
+        return NATIVE_QUEUE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

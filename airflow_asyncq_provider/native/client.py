@@ -68,12 +68,12 @@ def check_arguments(sig: Signature) -> None:
 
 
 def check_registered(client: Any, prefix: str, names: list[str]) -> None:
-    from airflow_asyncq_provider.native import registry
-    from airflow_asyncq_provider.native.keys import NativeKeys
+    from airflow_asyncq_provider.state import native
+    from airflow_asyncq_provider.state.keys import Keys
 
-    keys = NativeKeys(prefix)
+    keys = Keys(prefix)
     for name in dict.fromkeys(names):
-        record, known = registry.lookup(client, keys, name)
+        record, known = native.lookup_task(client, keys, name)
         if record is not None:
             continue
         if not known:

@@ -13,15 +13,34 @@ from airflow_asyncq_provider.native.app import fleet
 
 @fleet.task(name="asyncq.examples.fetch_page", soft_time_limit=20, time_limit=30)
 async def fetch_page(url: str) -> dict[str, Any]:
-    """An HTTP GET on the event loop: hundreds of these share one thread."""
-    import httpx
-
+    """One page. An ``http(s)://`` URL is an HTTP GET on the event loop: hundreds of these share one
+    thread. Anything else is read from storage, a path every host mounts or an object storage URL
+    (``[asyncq] shared_storage``, where the example DAG writes its pages), on a thread so the loop never
+    blocks; ``status`` is then 200, and a missing page raises ``FileNotFoundError``."""
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(url)
-        response.raise_for_status()
-    return {"url": url, "status": response.status_code, "bytes": len(response.content),
-            "words": len(response.text.split()), "seconds": round(time.monotonic() - started, 3)}
+    if url.startswith(("http://", "https://")):
+        import httpx
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(url)
+            response.raise_for_status()
+        status, body = response.status_code, response.content
+    else:
+        status, body = 200, await asyncio.to_thread(read_stored, url)
+    return {"url": url, "status": status, "bytes": len(body), "words": len(body.decode(errors="replace").split()),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def read_stored(path: str) -> bytes:
+    """A local path, or a URL through Airflow's ObjectStoragePath (``s3://aws_default@bucket/key``: the
+    lane resolves the connection as any Airflow process does, e.g. from ``AIRFLOW_CONN_AWS_DEFAULT``)."""
+    if "://" in path:
+        from airflow.sdk import ObjectStoragePath
+
+        with ObjectStoragePath(path).open("rb") as fh:
+            return fh.read()
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 @fleet.task(name="asyncq.examples.checksum")

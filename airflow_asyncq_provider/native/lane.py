@@ -17,12 +17,12 @@ import sys
 import threading
 import traceback
 
-from airflow_asyncq_provider.errors import ConfigError
-from airflow_asyncq_provider.native.keys import NATIVE_QUEUE, NativeKeys
+from airflow_asyncq_provider import exitcodes
+from airflow_asyncq_provider.errors import BrokerUnavailable, ConfigError
+from airflow_asyncq_provider.state.keys import NATIVE_QUEUE, Keys
 
 log = logging.getLogger("airflow_asyncq_provider.native.lane")
 
-EXIT_OK, EXIT_CONFIG, EXIT_BROKER = 0, 2, 3
 REGISTRY_INTERVAL = 60.0
 
 
@@ -60,40 +60,44 @@ def import_task_modules(modules: tuple[str, ...] | list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.loglevel, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    from airflow_asyncq_provider.settings import load_settings, validate_queue_name
-    from airflow_asyncq_provider.worker.command import SecretsFilter
+    from airflow_asyncq_provider.redaction import install_log_filter
+    from airflow_asyncq_provider.settings import load_settings, parse_module_list, parse_queue_list
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(SecretsFilter())
+    install_log_filter()
     try:
         settings = load_settings()
         loop_n, threads_m = lane_sizes(
             settings.loop_concurrency if args.loop_concurrency is None else args.loop_concurrency,
             settings.sync_threads if args.sync_threads is None else args.sync_threads)
-        queues = [validate_queue_name(q, "--native-queues") for q in args.queues.split(",")]
-        modules = settings.task_modules if args.task_modules is None else tuple(
-            m.strip() for m in args.task_modules.split(",") if m.strip())
+        queues = list(parse_queue_list(args.queues, "--native-queues"))
+        modules = (settings.task_modules if args.task_modules is None
+                   else parse_module_list(args.task_modules, "--task-modules"))
         from airflow_asyncq_provider.native.app import fleet
 
         import_task_modules(modules)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     from celery.utils.nodenames import host_format
 
-    from airflow_asyncq_provider.cli.connect import redis_or_exit
-    from airflow_asyncq_provider.native import registry
-    from airflow_asyncq_provider.state.urls import mask_url
+    from airflow_asyncq_provider.native.registry import task_kinds
+    from airflow_asyncq_provider.redaction import mask_url
+    from airflow_asyncq_provider.state import native
+    from airflow_asyncq_provider.state.client import connect
 
-    client = redis_or_exit(settings, "native lane")  # exits 3 (EXIT_BROKER) when Redis is down
+    try:
+        client = connect(settings, "native lane")
+    except BrokerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.BROKER
     hostname = host_format(args.hostname)
     fleet.set_current()
     fleet.set_default()
     fleet.conf.update(worker_pool="airflow_asyncq_provider.native.pool:NativePool",
                       asyncq_loop_concurrency=loop_n, asyncq_sync_threads=threads_m, asyncq_hostname=hostname)
     fleet.finalize(auto=True)
-    keys = NativeKeys(settings.key_prefix)
-    names = registry.user_tasks(fleet)
+    keys = Keys(settings.key_prefix)
+    names = task_kinds(fleet)
     if not names:
         log.warning("no native tasks registered: [asyncq] task_modules is %r; the lane will refuse every "
                     "message", ",".join(modules))
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def keep_registry() -> None:
         while True:
             try:
-                registry.publish(client, keys, fleet, queues, hostname)
+                native.publish_tasks(client, keys, names, queues, hostname)
             except Exception as exc:  # Redis restarting: try again next time
                 log.warning("publishing native task names failed (%s)", type(exc).__name__)
             if stop.wait(REGISTRY_INTERVAL):

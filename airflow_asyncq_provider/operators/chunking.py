@@ -1,10 +1,7 @@
-"""Chunk planning: cut a CSV or JSONL file into byte ranges that each fit a memory budget.
+"""Chunk planning: how many bytes per chunk fit a memory budget, and the plan of a whole file.
 
-Two questions decide a plan.
-
-**How many bytes per chunk?** A sample from the head of the file is parsed with the same reader the
-chunk tasks use, which gives bytes per record and the *expansion*: in-memory bytes of the DataFrame per
-byte of input. Then::
+A sample from the head of the file is parsed with the same reader the chunk tasks use, which gives
+bytes per record and the *expansion*: in-memory bytes of the DataFrame per byte of input. Then::
 
     chunk_bytes = (memory_budget - overhead) / (expansion * work_factor)
 
@@ -14,226 +11,34 @@ peak-to-DataFrame ratio of one chunk's life: the parser's buffers, the ``process
 the Parquet conversion. A budget that leaves room for less than one record is an error that names the
 size to ask for.
 
-**Where may a chunk start?** Only at a record boundary, and in CSV a newline inside a quoted field is
-not one. A byte offset alone cannot tell whether it sits inside quotes: that depends on every quote
-character before it. So the planner scans the file once from the start, in 1 MiB blocks, carrying the
-quote state: it counts quote characters with ``bytes.count`` (C speed, so the scan runs at I/O speed)
-up to each target offset, then walks newlines from there and takes the first one outside quotes. Memory
-stays at one block whatever the file size; time is one sequential read, less than parsing costs. This is
-exact for RFC 4180 CSV, the dialect pandas, Python's csv module and spreadsheets write, where a field
-that contains quotes is quoted and its quotes are doubled (doubling keeps the parity). Sampling-based
-guesses (look around the offset for something that looks like a record start) are faster on huge files
-but can be fooled by a quoted field that itself contains CSV, and a wrong boundary silently corrupts two
-chunks; exactness wins here. Two escape hatches:
+Where a chunk may start and end is ``boundaries``' question; the plan cuts the file there in one
+sequential scan. The sample doubles as a check of the file's quoting: the scanner and the parser must
+count the same records in it (``check_sample``).
 
-* ``boundary="newline"``: every newline ends a record. No scan at all (a seek per chunk); right for
-  files that have no newlines inside fields, and always used for JSONL, where a raw newline cannot
-  occur inside a JSON string.
-* ``quoting=csv.QUOTE_NONE`` in the read options: quote characters are data, so they are not counted.
-
-Files that break RFC 4180 (a bare quote inside an unquoted field, backslash-escaped quotes) would
-mislead the parity. The planner checks that its record count agrees with the parser's on the sample and
-refuses ``escapechar``, and a misplaced chunk start shows up as malformed rows rather than silently.
-
-Nothing here imports pandas: parsing the sample is a function passed in (``reading.measure_sample``).
+Nothing here imports pandas: parsing the sample is a function passed in (``reading.sample_parser``).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO
 
-from airflow_asyncq_provider.memory.sizes import format_size
+from airflow_asyncq_provider.operators.boundaries import (
+    BLOCK,
+    RecordLayout,
+    header_end,
+    next_record_end,
+    record_ranges,
+)
+from airflow_asyncq_provider.operators.chunk import Chunk
 from airflow_asyncq_provider.operators.errors import ChunkPlanningError, MalformedInputError
+from airflow_asyncq_provider.sizes import MIB, format_size
 
-MIB = 1024**2
-BLOCK = 1 << 20
-FORMATS = ("csv", "jsonl")
-BOUNDARIES = ("quoted", "newline")
-DESCRIPTOR_LIMIT = 1024  # bytes of JSON per chunk descriptor in XCom
 DEFAULT_WORK_FACTOR = 3.0
 DEFAULT_SAMPLE_BYTES = MIB
 MIN_OVERHEAD = 64 * MIB
-
-
-def human_size(size: int) -> str:
-    """``format_size`` for log lines, with KiB and bytes below 1 MiB (chunks of small files are small)."""
-    if size >= MIB:
-        return format_size(size)
-    return f"{size / 1024:.0f} KiB" if size >= 10 * 1024 else f"{size} bytes"
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordLayout:
-    """How records are delimited: by newlines, optionally ignoring those inside ``quotechar`` quotes."""
-
-    format: str = "csv"
-    quotechar: bytes | None = b'"'
-
-    @classmethod
-    def for_input(cls, file_format: str, read_options: dict[str, Any] | None = None,
-                  boundary: str = "quoted") -> RecordLayout:
-        options = read_options or {}
-        if file_format not in FORMATS:
-            raise ChunkPlanningError(f"file_format={file_format!r} is not supported; use one of {FORMATS}")
-        if boundary not in BOUNDARIES:
-            raise ChunkPlanningError(f"boundary={boundary!r} is not supported; use one of {BOUNDARIES}")
-        if file_format == "jsonl" or boundary == "newline" or options.get("quoting") == csv.QUOTE_NONE:
-            return cls(format=file_format, quotechar=None)
-        if options.get("escapechar"):
-            raise ChunkPlanningError(
-                f"read_options escapechar={options['escapechar']!r}: escaped quotes make record "
-                f"boundaries ambiguous from a byte offset; re-export the file as RFC 4180 CSV (quotes "
-                f"doubled), or pass boundary='newline' if no field contains a newline"
-            )
-        quotechar = options.get("quotechar", '"')
-        if not isinstance(quotechar, str) or len(quotechar.encode()) != 1:
-            raise ChunkPlanningError(
-                f"read_options quotechar={quotechar!r} must be one single-byte character")
-        return cls(format=file_format, quotechar=quotechar.encode())
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """One record-aligned byte range ``[start, end)`` of ``path``; what a chunk task is mapped over.
-
-    ``header_end`` is where the header record ends (0 without a header): a chunk task reads
-    ``[0, header_end)`` for the column names. ``piece``/``pieces`` are set when a retry splits the
-    chunk after a memory failure; they never travel through XCom.
-    """
-
-    path: str
-    format: str
-    index: int
-    count: int
-    start: int
-    end: int
-    header_end: int = 0
-    piece: int = 0
-    pieces: int = 1
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    @property
-    def label(self) -> str:
-        piece = f" piece {self.piece + 1}/{self.pieces}" if self.pieces > 1 else ""
-        of = f"/{self.count}" if self.count else ""
-        return f"chunk {self.index + 1}{of}{piece} (bytes {self.start}-{self.end})"
-
-    def to_descriptor(self) -> dict[str, Any]:
-        descriptor = {"path": self.path, "format": self.format, "index": self.index, "count": self.count,
-                      "start": self.start, "end": self.end, "header_end": self.header_end}
-        size = len(json.dumps(descriptor))
-        if size > DESCRIPTOR_LIMIT:
-            raise ChunkPlanningError(
-                f"the chunk descriptor for {self.path!r} is {size} bytes of JSON, over the "
-                f"{DESCRIPTOR_LIMIT}-byte limit for XCom; use a shorter path"
-            )
-        return descriptor
-
-    @classmethod
-    def from_descriptor(cls, descriptor: dict[str, Any]) -> Chunk:
-        try:
-            return cls(path=str(descriptor["path"]), format=str(descriptor["format"]),
-                       index=int(descriptor["index"]), count=int(descriptor["count"]),
-                       start=int(descriptor["start"]), end=int(descriptor["end"]),
-                       header_end=int(descriptor.get("header_end", 0)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ChunkPlanningError(f"not a chunk descriptor: {descriptor!r} ({exc})") from exc
-
-
-# ------------------------------------------------------------------ record boundaries
-def next_record_end(buf: bytes | bytearray, i: int, inside: bool,
-                    quotechar: bytes | None) -> tuple[int, bool]:
-    """Index just past the first newline at or after ``i`` that is outside quotes, or -1; and the
-    quote state at that point (at the end of ``buf`` when -1). ``inside`` is the state at ``i``."""
-    while True:
-        j = buf.find(b"\n", i)
-        if j < 0:
-            if quotechar:
-                inside ^= bool(buf.count(quotechar, i) & 1)
-            return -1, inside
-        if quotechar:
-            inside ^= bool(buf.count(quotechar, i, j) & 1)
-        if not inside:
-            return j + 1, False
-        i = j + 1
-
-
-def find_record_end(fh: IO[bytes], start: int, target: int, stop: int, layout: RecordLayout) -> int:
-    """End (exclusive) of the record that contains byte ``target``, reading from ``start``.
-
-    ``start`` must be a record start (outside quotes) and ``stop`` a record end (the file size, or the
-    end of a chunk being split). Returns ``stop`` when no record ends between ``target`` and ``stop``.
-    Reads ``[start, record end)`` once in blocks; memory is one block.
-    """
-    q = layout.quotechar
-    inside = False
-    target = max(start, min(target, stop))
-    if q:
-        fh.seek(start)
-        remaining = target - start
-        while remaining > 0:
-            buf = fh.read(min(BLOCK, remaining))
-            if not buf:
-                raise MalformedInputError(f"unexpected end of input at byte {target - remaining}; "
-                                          f"did the file change while it was read?")
-            inside ^= bool(buf.count(q) & 1)
-            remaining -= len(buf)
-    else:
-        fh.seek(target)
-    pos = target
-    while pos < stop:
-        buf = fh.read(min(BLOCK, stop - pos))
-        if not buf:
-            break
-        end, inside = next_record_end(buf, 0, inside, q)
-        if end >= 0:
-            return pos + end
-        pos += len(buf)
-    if inside:
-        raise MalformedInputError(
-            f"a quoted field opened after byte {start} is still open at byte {stop} (end of "
-            f"{'the file' if pos >= stop else 'the range'}): an unterminated quote. Fix the file, or if "
-            f"quote characters are plain data here, pass read_options={{'quoting': csv.QUOTE_NONE}}"
-        )
-    return stop
-
-
-def record_ranges(fh: IO[bytes], start: int, stop: int, chunk_bytes: int,
-                  layout: RecordLayout) -> Iterator[tuple[int, int]]:
-    """Consecutive record-aligned ranges covering ``[start, stop)``, each at least ``chunk_bytes`` long
-    (but the last) and ending at the end of the record that contains its ``chunk_bytes``-th byte."""
-    if chunk_bytes <= 0:
-        raise ValueError("chunk_bytes must be positive")
-    a = start
-    while a < stop:
-        b = find_record_end(fh, a, a + chunk_bytes - 1, stop, layout)
-        yield a, b
-        a = b
-
-
-def header_end(fh: IO[bytes], size: int, layout: RecordLayout, header: bool) -> int:
-    if not header or size == 0:
-        return 0
-    return find_record_end(fh, 0, 0, size, layout)
-
-
-def split_chunk(fh: IO[bytes], chunk: Chunk, pieces: int, layout: RecordLayout) -> list[Chunk]:
-    """``chunk`` cut into up to ``pieces`` record-aligned pieces of about equal size (fewer when its
-    records are too big to cut that finely)."""
-    if pieces <= 1 or chunk.length == 0:
-        return [chunk]
-    target = math.ceil(chunk.length / pieces)
-    ranges = list(record_ranges(fh, chunk.start, chunk.end, target, layout))
-    return [dataclasses.replace(chunk, start=a, end=b, piece=i, pieces=len(ranges))
-            for i, (a, b) in enumerate(ranges)]
 
 
 # ------------------------------------------------------------------ sampling and sizing
@@ -304,8 +109,8 @@ def take_sample(fh: IO[bytes], start: int, stop: int, sample_bytes: int, budget:
                 f"read_options={{'quoting': csv.QUOTE_NONE}}"
             )
         raise ChunkPlanningError(
-            f"no record ends within the first {human_size(len(data))} after byte {start}: one record is "
-            f"larger than the whole memory_budget ({human_size(budget)}); raise memory_budget above the "
+            f"no record ends within the first {format_size(len(data))} after byte {start}: one record is "
+            f"larger than the whole memory_budget ({format_size(budget)}); raise memory_budget above the "
             f"size of the largest record"
         )
     whole = bytes(data[:record_start])
@@ -324,9 +129,9 @@ def chunk_bytes_for(budget: int, overhead: int, expansion: float, work_factor: f
         if budget < MIB:
             hint = f" (memory_budget={budget} is in bytes; did you mean '{budget}MiB'?)"
         raise ChunkPlanningError(
-            f"memory_budget {human_size(budget)} leaves no room for data after the task's own "
-            f"{human_size(overhead)} (interpreter, Airflow, pandas){hint}; raise memory_budget to at "
-            f"least {human_size(overhead + 64 * MIB)}"
+            f"memory_budget {format_size(budget)} leaves no room for data after the task's own "
+            f"{format_size(overhead)} (interpreter, Airflow, pandas){hint}; raise memory_budget to at "
+            f"least {format_size(overhead + 64 * MIB)}"
         )
     return max(1, int(room / (max(expansion, 0.01) * work_factor)))
 
@@ -345,9 +150,9 @@ class ChunkPlan:
     chunks: tuple[Chunk, ...]
 
     def describe(self) -> str:
-        return (f"{self.path}: {human_size(self.size)} in {len(self.chunks)} chunk(s) of about "
-                f"{human_size(self.chunk_bytes)} input each (memory_budget {human_size(self.budget)}, "
-                f"overhead {human_size(self.overhead)}, expansion {self.sample.expansion:.2f}x in memory, "
+        return (f"{self.path}: {format_size(self.size)} in {len(self.chunks)} chunk(s) of about "
+                f"{format_size(self.chunk_bytes)} input each (memory_budget {format_size(self.budget)}, "
+                f"overhead {format_size(self.overhead)}, expansion {self.sample.expansion:.2f}x in memory, "
                 f"work factor {self.work_factor:g}, ~{self.sample.bytes_per_record:.0f} bytes/record)")
 
 
@@ -371,10 +176,10 @@ def size_chunks(*, path: str, fh: IO[bytes], size: int, layout: RecordLayout, he
     if sample.max_record > max_chunk_bytes:
         raise ChunkPlanningError(
             f"{path}: a record of {sample.max_record} bytes does not fit one chunk: memory_budget "
-            f"{human_size(budget)} allows {max_chunk_bytes} input bytes per chunk (overhead "
-            f"{human_size(overhead)}, expansion {sample.expansion:.2f}x, work factor {work_factor:g}); "
+            f"{format_size(budget)} allows {max_chunk_bytes} input bytes per chunk (overhead "
+            f"{format_size(overhead)}, expansion {sample.expansion:.2f}x, work factor {work_factor:g}); "
             f"raise memory_budget to at least "
-            f"{human_size(overhead + int(sample.max_record * max(sample.expansion, 1) * work_factor) + MIB)}"
+            f"{format_size(overhead + int(sample.max_record * max(sample.expansion, 1) * work_factor) + MIB)}"
         )
     chunk_bytes = max_chunk_bytes
     if min_chunks > 1 and size > h_end:
@@ -397,6 +202,21 @@ def check_sample(path: str, sample: Sample, layout: RecordLayout) -> None:
         )
 
 
+def check_record_fits(path: str, start: int, end: int, *, chunk_bytes: int, max_chunk_bytes: int,
+                      budget: int) -> None:
+    """Refuse the range ``[start, end)``, cut for ``chunk_bytes``, when its last record is longer than
+    one chunk may hold. The sample cannot see every record: this is the check for the rest of the file.
+
+    The range ends at the end of the record holding byte ``start + chunk_bytes - 1``, so that record is
+    at least ``end - start - chunk_bytes + 1`` bytes long.
+    """
+    if end - start - chunk_bytes + 1 > max_chunk_bytes:
+        raise ChunkPlanningError(
+            f"{path}: the record ending at byte {end} is longer than {max_chunk_bytes} bytes, the most one "
+            f"chunk may hold under memory_budget {format_size(budget)}; raise memory_budget"
+        )
+
+
 def plan_chunks(path: str, fh: IO[bytes], size: int, *, layout: RecordLayout, header: bool, budget: int,
                 overhead: int, parse: SampleParser, work_factor: float = DEFAULT_WORK_FACTOR,
                 min_chunks: int = 1, max_chunks: int = 1024,
@@ -408,17 +228,13 @@ def plan_chunks(path: str, fh: IO[bytes], size: int, *, layout: RecordLayout, he
     h_end, chunk_bytes = sizing.header_end, sizing.chunk_bytes
     ranges: list[tuple[int, int]] = []
     for a, b in record_ranges(fh, h_end, size, chunk_bytes, layout):
-        # the record holding byte a + chunk_bytes - 1 ends at b, so it is at least this long
-        if b - a - chunk_bytes + 1 > sizing.max_chunk_bytes:
-            raise ChunkPlanningError(
-                f"{path}: the record ending at byte {b} is longer than {sizing.max_chunk_bytes} bytes, the "
-                f"most one chunk may hold under memory_budget {human_size(budget)}; raise memory_budget"
-            )
+        check_record_fits(path, a, b, chunk_bytes=chunk_bytes, max_chunk_bytes=sizing.max_chunk_bytes,
+                          budget=budget)
         ranges.append((a, b))
         if len(ranges) > max_chunks:
             raise ChunkPlanningError(
-                f"{path} ({human_size(size)}) needs more than max_chunks={max_chunks} chunks of "
-                f"{human_size(chunk_bytes)} under memory_budget {human_size(budget)}; raise "
+                f"{path} ({format_size(size)}) needs more than max_chunks={max_chunks} chunks of "
+                f"{format_size(chunk_bytes)} under memory_budget {format_size(budget)}; raise "
                 f"memory_budget, or raise max_chunks (and [core] max_map_length to match)"
             )
     chunks = tuple(Chunk(path=path, format=layout.format, index=i, count=len(ranges), start=a, end=b,

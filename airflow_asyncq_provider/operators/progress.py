@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from airflow_asyncq_provider.operators.chunking import human_size
+from airflow_asyncq_provider.sizes import MIB, format_size
 
 
 def current_rss() -> int:
@@ -49,9 +49,9 @@ class Progress:
         percent = 100.0 * done_bytes / self.total_bytes if self.total_bytes else 100.0
         byte_rate = done_bytes / elapsed
         eta = (self.total_bytes - done_bytes) / byte_rate if byte_rate > 0 else None
-        return (f"{percent:5.1f}% ({human_size(done_bytes)} of {human_size(self.total_bytes)}), "
+        return (f"{percent:5.1f}% ({format_size(done_bytes)} of {format_size(self.total_bytes)}), "
                 f"{chunks} chunk(s), {rows:,} rows, {rows / elapsed:,.0f} rows/s, "
-                f"{byte_rate / 1024**2:.1f} MiB/s, ETA {format_eta(eta)}, peak RSS {human_size(peak_rss())}")
+                f"{byte_rate / MIB:.1f} MiB/s, ETA {format_eta(eta)}, peak RSS {format_size(peak_rss())}")
 
     def update(self, done_bytes: int, rows: int, chunks: int, *, final: bool = False) -> None:
         now = self.clock()

@@ -13,6 +13,9 @@ log); with ``"fail"`` the task fails naming the chunk, the count and the first e
 The fast path is one ``read_csv`` call streaming from the byte range. Only a chunk whose declared
 dtypes fail to convert is read a second time, with those columns as strings, to find and count the
 rows at fault; clean chunks pay nothing for the check.
+
+``InputReader`` bundles what every chunked operator needs to read one input (record layout, columns,
+parsing options), and ``RowTally`` sums rows and malformed rows across chunks, pieces and chunk results.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import io
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from airflow_asyncq_provider.operators.chunking import Chunk, SampleParser
+from airflow_asyncq_provider.operators.boundaries import RecordLayout
+from airflow_asyncq_provider.operators.chunk import Chunk
+from airflow_asyncq_provider.operators.chunking import SampleParser
 from airflow_asyncq_provider.operators.errors import ChunkingError, MalformedInputError
 
 if TYPE_CHECKING:
@@ -151,6 +157,55 @@ def sample_parser(*, file_format: str, columns: list[str] | None,
         return result.rows + result.bad_rows, int(result.frame.memory_usage(deep=True).sum())
 
     return parse
+
+
+@dataclasses.dataclass
+class InputReader:
+    """Everything needed to read chunks of one input: layout, columns, parsing options."""
+
+    layout: RecordLayout
+    header: bool
+    names: list[str] | None
+    read_options: dict[str, Any]
+    on_bad_rows: str
+
+    @classmethod
+    def build(cls, *, file_format: str, header: bool, names: Sequence[str] | None,
+              read_options: dict[str, Any] | None, boundary: str, on_bad_rows: str) -> InputReader:
+        options = validate_read_options(read_options, file_format)
+        return cls(layout=RecordLayout.for_input(file_format, options, boundary),
+                   header=header if file_format == "csv" else False,
+                   names=list(names) if names else None, read_options=options,
+                   on_bad_rows=check_on_bad_rows(on_bad_rows))
+
+    def columns(self, fh: Any, header_end: int) -> list[str] | None:
+        return self.names or read_columns(fh, header_end, self.read_options)
+
+    def sample_parser(self, columns: list[str] | None) -> SampleParser:
+        return sample_parser(file_format=self.layout.format, columns=columns, read_options=self.read_options)
+
+    def read(self, fh: Any, chunk: Chunk, columns: list[str] | None) -> ChunkFrame:
+        return read_chunk(fh, chunk, columns=columns, read_options=self.read_options,
+                          on_bad_rows=self.on_bad_rows)
+
+
+class RowTally:
+    """Rows read and malformed rows dropped, with the first few examples for the log."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bad_rows = 0
+        self.bad_examples: list[str] = []
+
+    def add(self, rows: int, bad_rows: int, examples: Sequence[str], where: str = "") -> None:
+        self.rows += rows
+        self.bad_rows += bad_rows
+        for example in examples:
+            if len(self.bad_examples) < MAX_EXAMPLES:
+                self.bad_examples.append(f"{where}: {example}" if where else example)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "bad_rows": self.bad_rows, "bad_examples": self.bad_examples}
 
 
 # ------------------------------------------------------------------ CSV

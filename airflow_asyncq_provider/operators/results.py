@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from airflow_asyncq_provider.operators import storage
-from airflow_asyncq_provider.operators.chunking import human_size
 from airflow_asyncq_provider.operators.errors import ChunkingError, ResultTooLargeError
+from airflow_asyncq_provider.sizes import format_size
 
 MAX_VALUE_BYTES = 64 * 1024
 
@@ -63,7 +63,7 @@ def check_small(value: Any, what: str) -> Any:
         ) from exc
     if size > MAX_VALUE_BYTES:
         raise ResultTooLargeError(
-            f"{what} returned {human_size(size)} of JSON, more than the {MAX_VALUE_BYTES // 1024} KiB that "
+            f"{what} returned {format_size(size)} of JSON, more than the {MAX_VALUE_BYTES // 1024} KiB that "
             f"may travel through XCom; return a pandas DataFrame instead, and it is written as Parquet"
         )
     return value
@@ -122,9 +122,6 @@ class Attempts:
             if isinstance(record, dict) and int(record.get("try", 0)) < before_try:
                 records.append(record)
         return sorted(records, key=lambda r: int(r.get("try", 0)))
-
-    def memory_failures(self, before_try: int) -> int:
-        return sum(1 for r in self.history(before_try) if r.get("status") in ("running", "memory"))
 
     def mark(self, try_number: int, status: str, **fields: Any) -> None:
         storage.makedirs(self.dir)

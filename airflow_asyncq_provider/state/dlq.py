@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import redis
+import time
+from typing import TYPE_CHECKING, Any
 
 from airflow_asyncq_provider.state.keys import Keys
+from airflow_asyncq_provider.state.translate import translated
+
+if TYPE_CHECKING:
+    import redis
+
+#: Bytes of a non-string payload kept in a dead letter (a repr of whatever Celery handed us).
+MAX_PAYLOAD_REPR = 100_000
 
 
+@translated
+def push(client: redis.Redis, keys: Keys, task_id: str, error: str, payload: Any, hostname: str,
+         queue: str | None = None, meta: Any = None) -> None:
+    record = {"id": task_id, "error": error, "hostname": hostname, "at": time.time(), "queue": queue,
+              "meta": meta, "payload": payload if isinstance(payload, str) else repr(payload)[:MAX_PAYLOAD_REPR]}
+    client.lpush(keys.dead_letters, json.dumps(record))
+
+
+@translated
 def entries(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
     """Oldest first, each with its ``index`` for show/replay."""
     raw = client.lrange(keys.dead_letters, 0, -1)
@@ -24,6 +39,7 @@ def entries(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
     return out
 
 
+@translated
 def remove(client: redis.Redis, keys: Keys, record: dict[str, Any]) -> None:
     raw = {k: v for k, v in record.items() if k != "index"}
     # LREM needs the exact stored string; find it again to avoid re-serialisation differences.
@@ -36,6 +52,7 @@ def remove(client: redis.Redis, keys: Keys, record: dict[str, Any]) -> None:
             continue
 
 
+@translated
 def purge(client: redis.Redis, keys: Keys) -> int:
     count = client.llen(keys.dead_letters)
     client.delete(keys.dead_letters)

@@ -43,11 +43,11 @@ class NativeResultTrigger(BaseTrigger):
                  "max_result_bytes": self.max_result_bytes})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from airflow_asyncq_provider.native.keys import NativeKeys
         from airflow_asyncq_provider.settings import load_settings
+        from airflow_asyncq_provider.state.keys import Keys
 
         settings = load_settings()
-        keys = [NativeKeys(settings.key_prefix).result(task_id) for task_id in self.task_ids]
+        keys = [Keys(settings.key_prefix).native_result(task_id) for task_id in self.task_ids]
         done: dict[int, dict[str, Any]] = {}
         import redis
 
@@ -63,13 +63,9 @@ class NativeResultTrigger(BaseTrigger):
             return
 
     async def _wait(self, settings: Any, keys: list[str], done: dict[int, dict[str, Any]]) -> TriggerEvent:
-        import redis.asyncio as aredis
+        from airflow_asyncq_provider.state.client import make_async_redis
 
-        from airflow_asyncq_provider.state.client import ssl_options
-
-        client = aredis.Redis.from_url(settings.broker_url, decode_responses=True,
-                                       socket_connect_timeout=settings.publish_timeout,
-                                       **(ssl_options(settings) or {}))
+        client = make_async_redis(settings)
         index = {key: i for i, key in enumerate(keys)}
         try:
             pubsub = client.pubsub(ignore_subscribe_messages=True)

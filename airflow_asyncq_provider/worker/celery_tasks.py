@@ -9,7 +9,7 @@ import time
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
-from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD
+from airflow_asyncq_provider.broker.messages import EXECUTE_WORKLOAD, send_workload
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -19,8 +19,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def requeue_to(app: Celery) -> Any:
+    """The runner's way to hand a message back to the broker: the same contract as every publisher."""
+
+    def requeue(task_id: str, payload: str, meta: Any, queue: str, priority: int | None,
+                key: dict[str, Any] | None) -> None:
+        send_workload(app, task_id=task_id, payload=payload, meta=meta, queue=queue, priority=priority,
+                      key=key)
+
+    return requeue
+
+
 def register_tasks(app: Celery, runner: WorkloadRunner) -> None:
     from celery import bootsteps, signals
+
+    # Reconnect on a short backoff (worker/consumer.py), and never give up: a worker rejoins after an
+    # outage of any length, and `airflow asyncq probe` tells a supervisor when it does not consume.
+    app.conf.worker_consumer = "airflow_asyncq_provider.worker.consumer:AsyncQConsumer"
+    app.conf.broker_connection_max_retries = None
 
     @app.task(name=EXECUTE_WORKLOAD, bind=True, ignore_result=True, acks_late=False)
     def execute_workload(self: Any, *args: Any, **kwargs: Any) -> str:
@@ -33,13 +49,6 @@ def register_tasks(app: Celery, runner: WorkloadRunner) -> None:
             return "rejected"
         meta = args[1] if len(args) == 2 else None
         return runner.run(task_id, args[0], meta, queue=queue, priority=delivery.get("priority"))
-
-    def requeue(task_id: str, payload: str, meta: dict[str, Any] | None, queue: str,
-                priority: int | None) -> None:
-        app.send_task(EXECUTE_WORKLOAD, args=(payload, meta), task_id=task_id, queue=queue,
-                      priority=priority, argsrepr=f"(<workload {task_id}>)", kwargsrepr="{}")
-
-    runner.requeue = requeue
 
     class ConsumerTick(bootsteps.StartStopStep):
         """Ticks from inside the consumer's event loop: a stuck consumer stops ticking, and the
@@ -56,16 +65,29 @@ def register_tasks(app: Celery, runner: WorkloadRunner) -> None:
 
     class AdmissionGate(bootsteps.StartStopStep):
         """Wraps the channel's ``can_consume`` (as ``worker_disable_prefetch`` does) so the worker
-        fetches a message only when memory for one more task is free and it is not draining."""
+        fetches a message only when memory for one more task is free and it is neither draining, nor
+        in maintenance, nor fenced (worker/fencing.py).
+
+        A BRPOP already sent when the gate closes may still pop a message. kombu 5.7 then leaves that
+        reply unread until the gate opens again ("paused BRPOP", kombu/transport/redis.py
+        ``_update_brpop_polling``): a message held for as long as maintenance lasts, lost if the
+        worker exits. So while a BRPOP is in flight the gate stays open for its reply; the runner
+        hands a message that arrives so back to the queue at once, and no new BRPOP is sent."""
 
         requires = {"celery.worker.consumer.tasks:Tasks"}
 
         def start(self, c: Any) -> None:
-            qos = c.task_consumer.channel.qos
+            channel = c.task_consumer.channel
+            qos = channel.qos
             original = qos.can_consume
 
             def can_consume(_self: Any) -> bool:
-                return not runner.draining and runner.admission.can_consume() and original()
+                if not original():
+                    return False
+                if (runner.draining or runner.maintenance is not None or runner.fenced is not None
+                        or not runner.admission.can_consume()):
+                    return bool(getattr(channel, "_in_poll", False))  # kombu's BRPOP in flight
+                return True
 
             qos.can_consume = MethodType(can_consume, qos)
 

@@ -51,3 +51,21 @@ def warm_shared_caches() -> bool:
         log.warning("Could not pre-build the Execution API SSL context (%s); each task builds its own", exc)
         return False
     return True
+
+
+def warm_listener_manager() -> bool:
+    """Load the plugins' listeners once, in the fork server, instead of once per task process.
+
+    The task runner calls the task SDK's ``get_listener_manager()`` (``functools.cache``d) when it
+    starts, which loads every plugin and imports the models their listeners use. Built before the
+    fork, every task process inherits the loaded manager and shares its pages. As with every other
+    preload, a plugin changed on disk is picked up when the worker restarts.
+    """
+    try:
+        from airflow.sdk.listener import get_listener_manager
+
+        get_listener_manager()
+    except Exception as exc:  # a broken plugin fails each task with its own traceback anyway
+        log.warning("Could not load the plugins' listeners in the fork server (%s); each task loads them", exc)
+        return False
+    return True

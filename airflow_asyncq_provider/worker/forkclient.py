@@ -32,7 +32,10 @@ class InvalidWorkload(AsyncQError):
 
 
 class Child:
-    """A forked workload: its pid now, its exit later (``wait`` blocks the calling slot thread)."""
+    """A workload's supervisor: its pid now, its exit later (``wait`` blocks the calling slot thread).
+
+    ``release`` once the pid is no longer tracked: only then may its supervisor host (forkserver.py)
+    take another workload, so no kill meant for this one can reach the next."""
 
     def __init__(self, conn: socket.socket, reader: Any, pid: int) -> None:
         self._conn = conn
@@ -42,12 +45,15 @@ class Child:
     def wait(self) -> dict[str, Any]:
         try:
             line = self._reader.readline()
-        finally:
-            self._reader.close()
-            self._conn.close()
+        except OSError:
+            line = b""
         if not line:
             return {"code": None, "signal": None, "result": {"error": "fork server died while the task ran"}}
         return json.loads(line)["exit"]
+
+    def release(self) -> None:
+        self._reader.close()
+        self._conn.close()
 
 
 class ForkedServer:
@@ -93,12 +99,13 @@ class ForkClient:
     """
 
     def __init__(self, preload: tuple[str, ...] = (), start_timeout: float = 120.0,
-                 fork_here: bool = False) -> None:
+                 fork_here: bool = False, *, idle_timeout: float) -> None:
         self._dir = tempfile.mkdtemp(prefix="asyncq-fork-")
         self.socket_path = os.path.join(self._dir, "fork.sock")
         self._preload = preload
         self._start_timeout = start_timeout
         self._fork_here = fork_here
+        self._idle_timeout = idle_timeout  # [asyncq] supervisor_idle_timeout
         self._proc: subprocess.Popen[bytes] | ForkedServer | None = None
         self._lock = threading.Lock()
 
@@ -122,7 +129,7 @@ class ForkClient:
                             "interpreter; the worker's imports are not shared", threading.active_count())
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "airflow_asyncq_provider.worker.forkserver", self.socket_path,
-                 ",".join(self._preload)],
+                 ",".join(self._preload), str(self._idle_timeout)],
                 stdin=subprocess.PIPE,
             )
         deadline = time.monotonic() + self._start_timeout
@@ -155,7 +162,7 @@ class ForkClient:
                 os.close(lifeline_w)
                 os.dup2(lifeline_r, 0)
                 os.close(lifeline_r)
-                forkserver.run(self.socket_path, list(self._preload))
+                forkserver.run(self.socket_path, list(self._preload), self._idle_timeout)
             except BaseException:
                 traceback.print_exc()
             finally:

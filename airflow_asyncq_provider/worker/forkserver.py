@@ -1,25 +1,38 @@
 """The warm fork parent: a single-threaded process that has imported Airflow's task SDK once.
 
-Every Airflow workload runs in a child forked from it, so a workload starts in milliseconds and shares
-the parent's frozen heap copy-on-write, instead of paying a fresh interpreter's imports (about 3 s and
-120 MB here) or keeping an idle prefork child per slot. It is a separate process, not the Celery
-worker, because forking a process that runs threads can deadlock on locks held by the other threads.
-The worker forks it at start, while the worker is still single-threaded, so the Airflow modules the
-worker had already imported are shared by both (see ForkClient); a restart later runs ``python -m``.
+Every Airflow workload runs under a supervisor forked from it, so a workload starts in milliseconds and
+shares the parent's frozen heap copy-on-write, instead of paying a fresh interpreter's imports (about
+3 s and 120 MB here). It is a separate process, not the Celery worker, because forking a process that
+runs threads can deadlock on locks held by the other threads. The worker forks it at start, while the
+worker is still single-threaded, so the Airflow modules the worker had already imported are shared by
+both (see ForkClient); a restart later runs ``python -m``.
 
-Protocol: one Unix-socket connection per workload, JSON lines.
+Supervisor hosts. The supervisor does not exit after its workload: it stays, as a *host*, and runs the
+next workload this server hands it, the way a Celery prefork child runs one task after another. A task
+then costs one fork (the host forks the task process) instead of two, and no exit of a large process.
+A host that stays idle for ``[asyncq] supervisor_idle_timeout`` seconds exits, so an idle worker holds
+no hosts; 0 gives every workload a fresh supervisor that exits after it. A host also exits after
+``HOST_MAX_WORKLOADS`` workloads and after any supervisor crash, and the worker's kills (memory limit,
+revoke, fence) take the host's whole group: the next workload gets a new host.
+
+Protocol with the worker: one Unix-socket connection per workload, JSON lines.
   request   {"id": "<task id>", "payload": "<workload JSON>"}
-  replies   {"pid": 1234}  or  {"error": "..."}     then, when the child ends,
+  replies   {"pid": 1234}  or  {"error": "..."}     then, when the supervisor is done,
             {"exit": {"code": int | null, "signal": int | null, "result": {...} | null}}
+The pid is the host's: the root of the workload's process tree while it runs. The worker closes the
+connection once it has stopped tracking that pid; only then does the host take another workload, so
+a late kill meant for one workload can never reach the next.
 
-The child reports *why* it ended on a private pipe (``result``), because an exit status cannot carry
-an exception message. If the worker that started this process dies (its end of our stdin closes),
-every child is killed: a task whose worker is gone is reported lost and retried by Airflow, and must
-not keep running beside its retry.
+Protocol with a host: a socket pair, JSON lines. This server sends the request (plus ``"last"``: exit
+after it); the host answers ``{"done": {"code": ..., "result": ...}}``. A host that dies instead is
+reaped here and its workload's exit carries the signal. If the worker that started this process dies
+(its end of our stdin closes), every host is killed: a task whose worker is gone is reported lost and
+retried by Airflow, and must not keep running beside its retry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -36,7 +49,13 @@ from typing import Any
 # Exit codes of a forked workload child (documented in docs/OPERATIONS.md).
 EXIT_SIGNAL_BASE = 64  # 64 + n: the task process was killed by signal n
 EXIT_DUPLICATE = 200  # the Execution API said the task already runs elsewhere (HTTP 409)
-EXIT_CRASHED = 201  # the supervisor raised; the result pipe carries the error
+EXIT_CRASHED = 201  # the supervisor raised; the host's "done" carries the error
+
+#: Workloads one supervisor host runs before it exits and a fresh fork replaces it, so that whatever a
+#: supervisor leaves behind (a cache, a leak in a provider's hook) cannot grow without bound. Celery's
+#: own knob for its prefork children is ``worker_max_tasks_per_child``.
+HOST_MAX_WORKLOADS = 100
+IDLE_TITLE = "airflow asyncq supervisor host: idle"
 
 BASE_PRELOAD = (
     "psutil",
@@ -111,11 +130,31 @@ def _signame(sig: int) -> str:
         return str(sig)
 
 
+class Host:
+    """A supervisor host as the server sees it: idle, running one workload, or waiting for the worker to
+    release that workload's connection."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock  # the server's end of the pair
+        self.buffer = b""
+        self.conn: socket.socket | None = None  # the worker's connection of the workload it runs
+        self.done = False  # it answered "done"; it is free once the worker releases the connection
+        self.last = False  # it exits after the workload it runs (or was told to)
+        self.workloads = 0
+        self.idle_since = time.monotonic()
+
+    @property
+    def idle(self) -> bool:
+        return self.conn is None and not self.last
+
+
 class ForkServer:
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, idle_timeout: float) -> None:
         self.socket_path = socket_path
+        self.idle_timeout = idle_timeout
         self.selector = selectors.DefaultSelector()
-        self.children: dict[int, tuple[socket.socket, int]] = {}  # pid -> (client conn, result pipe fd)
+        self.hosts: dict[int, Host] = {}
         self.buffers: dict[socket.socket, bytes] = {}
         self._decoder: Any = None
         self._sigchld_r, self._sigchld_w = os.pipe()
@@ -126,10 +165,15 @@ class ForkServer:
         from pydantic import TypeAdapter
 
         self._decoder = TypeAdapter(ExecutorWorkload)
-        from airflow_asyncq_provider.worker.compat import shorten_exit_detection, warm_shared_caches
+        from airflow_asyncq_provider.worker.compat import (
+            shorten_exit_detection,
+            warm_listener_manager,
+            warm_shared_caches,
+        )
 
         shorten_exit_detection()  # patched once here, inherited by every fork
         warm_shared_caches()
+        warm_listener_manager()
         if threading.active_count() != 1:
             print(f"asyncq fork server: {threading.active_count()} threads after preload; forking "
                   "may deadlock", file=sys.stderr, flush=True)
@@ -169,9 +213,14 @@ class ForkServer:
                 elif key.data == "parent":
                     if not sys.stdin.buffer.read1(4096):
                         self._parent_gone(listener)
-                else:
+                elif key.data == "conn":
                     self._read_request(key.fileobj)  # type: ignore[arg-type]
+                elif isinstance(key.data, Host):
+                    self._read_host(key.data)
+                else:
+                    self._released(key.fileobj, key.data[1])  # type: ignore[arg-type,index]
             self._reap()
+            self._retire_idle()
 
     def _read_request(self, conn: socket.socket) -> None:
         try:
@@ -192,42 +241,113 @@ class ForkServer:
                 self._send(conn, {"pong": os.getpid()})
                 conn.close()
                 return
-            workload = self._decoder.validate_json(request["payload"])
+            self._decoder.validate_json(request["payload"])
         except Exception as exc:  # malformed input must not reach a fork
             self._send(conn, {"error": f"invalid workload: {_short(exc)}"})
             conn.close()
             return
-        result_r, result_w = os.pipe()
+        host = next((h for h in self.hosts.values() if h.idle), None) or self._fork_host(conn)
+        host.conn, host.done, host.workloads = conn, False, host.workloads + 1
+        host.last = self.idle_timeout <= 0 or host.workloads >= HOST_MAX_WORKLOADS
+        try:
+            host.sock.sendall(json.dumps({"id": request.get("id", ""), "payload": request["payload"],
+                                          "last": host.last}).encode() + b"\n")
+        except OSError:  # it died since it last answered: the reaper reports this workload's end
+            host.last = True
+        self._send(conn, {"pid": host.pid})
+        # The worker never writes again: readable means it closed the connection (it stopped tracking)
+        self.selector.register(conn, selectors.EVENT_READ, ("release", host))
+
+    def _fork_host(self, conn: socket.socket) -> Host:
+        ours, theirs = socket.socketpair()
+        inherited = self._inherited_fds(conn) + [ours.fileno()]
         pid = os.fork()
         if pid == 0:
-            os.close(result_r)
-            _child(workload, str(request.get("id", "")), result_w, self._inherited_fds(conn))
-        os.close(result_w)
-        self.children[pid] = (conn, result_r)
-        self._send(conn, {"pid": pid})
+            _host(theirs, self._decoder, inherited)
+        theirs.close()
+        ours.setblocking(False)
+        host = Host(pid, ours)
+        self.hosts[pid] = host
+        self.selector.register(ours, selectors.EVENT_READ, host)
+        return host
 
     def _inherited_fds(self, conn: socket.socket) -> list[int]:
         fds = [conn.fileno(), self._sigchld_r, self._sigchld_w]
         fds += [key.fd for key in self.selector.get_map().values()]
-        fds += [result_r for _conn, result_r in self.children.values()]
+        fds += [h.sock.fileno() for h in self.hosts.values() if h.sock.fileno() >= 0]
         return sorted(set(fds) - {0, 1, 2})
 
+    def _read_host(self, host: Host) -> None:
+        try:
+            chunk = host.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # it exited or is exiting: the reaper has the rest
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(host.sock)
+            return
+        host.buffer += chunk
+        while b"\n" in host.buffer:
+            line, _, host.buffer = host.buffer.partition(b"\n")
+            try:
+                done = json.loads(line)["done"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            host.done = True
+            if host.conn is not None:
+                self._send(host.conn, {"exit": {"code": done.get("code"), "signal": None,
+                                                "result": done.get("result")}})
+            else:
+                self._free(host)
+
+    def _released(self, conn: socket.socket, host: Host) -> None:
+        """The worker closed a workload's connection: it no longer tracks the host's pid."""
+        self.selector.unregister(conn)
+        conn.close()
+        if self.hosts.get(host.pid) is host and host.conn is conn:
+            host.conn = None
+            if host.done:
+                self._free(host)
+            else:  # given up while it still runs: never hand it another workload
+                host.last = True
+
+    def _free(self, host: Host) -> None:
+        host.done, host.idle_since = False, time.monotonic()
+        if host.last:
+            self._retire(host)
+
+    def _retire_idle(self) -> None:
+        now = time.monotonic()
+        for host in list(self.hosts.values()):
+            if host.idle and now - host.idle_since > self.idle_timeout:
+                self._retire(host)
+
+    def _retire(self, host: Host) -> None:
+        """Closing its end is a host's stop signal (it reads EOF when idle); it is reaped when it exits."""
+        host.last = True
+        if host.sock.fileno() >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(host.sock)
+            host.sock.close()
+
     def _reap(self) -> None:
-        while self.children:
+        while self.hosts:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            conn, result_r = self.children.pop(pid, (None, -1))
-            result = _read_result(result_r) if result_r >= 0 else None
-            if conn is None:
+            host = self.hosts.pop(pid, None)
+            if host is None:
                 continue
-            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            self._send(conn, {"exit": {"code": code, "signal": sig, "result": result}})
-            conn.close()
+            if host.conn is not None and not host.done and host.sock.fileno() >= 0:
+                self._read_host(host)  # a last host writes "done" just before it exits
+            self._retire(host)
+            if host.conn is not None and not host.done:
+                self._send(host.conn, {"exit": _death(status)})
 
     def _send(self, conn: socket.socket, message: dict[str, Any]) -> None:
         try:
@@ -242,26 +362,19 @@ class ForkServer:
         conn.close()
 
     def _parent_gone(self, listener: socket.socket) -> None:
-        if self.children:
-            print(f"asyncq fork server: worker is gone; killing its {len(self.children)} workload(s)",
+        busy = [h for h in self.hosts.values() if h.conn is not None and not h.done]
+        if busy:
+            print(f"asyncq fork server: worker is gone; killing its {len(busy)} workload(s)",
                   file=sys.stderr, flush=True)
         self._kill_children(signal.SIGKILL)
         self._shutdown(listener)
 
     def _kill_children(self, sig: int) -> None:
-        """Each child's whole tree: the supervisor starts the task process in a group of its own."""
-        import psutil
+        """Each host's whole tree: the host's supervisor starts the task process in a group of its own."""
+        from airflow_asyncq_provider.memory.processes import signal_tree
 
-        for pid in list(self.children):
-            try:
-                procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-            except psutil.Error:
-                procs = []
-            for proc in procs:
-                try:
-                    proc.send_signal(sig)
-                except psutil.Error:
-                    pass
+        for pid in list(self.hosts):
+            signal_tree(pid, sig)
 
     def _shutdown(self, listener: socket.socket) -> None:
         listener.close()
@@ -277,24 +390,18 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _read_result(fd: int) -> dict[str, Any] | None:
-    try:
-        os.set_blocking(fd, False)
-        data = os.read(fd, 65536)
-    except OSError:
-        data = b""
-    finally:
-        os.close(fd)
-    try:
-        return json.loads(data) if data else None
-    except ValueError:
-        return None
+def _death(status: int) -> dict[str, Any]:
+    """The exit of a workload whose host died before it reported the end."""
+    if os.WIFSIGNALED(status):
+        return {"code": None, "signal": os.WTERMSIG(status), "result": None}
+    code = os.WEXITSTATUS(status)
+    return {"code": code, "signal": None,
+            "result": {"error": f"supervisor host exited with code {code} before it reported the workload's end"}}
 
 
-def _child(workload: Any, task_id: str, result_fd: int, inherited: list[int]) -> None:
-    """Runs in the forked child: become a process group, run the supervisor, report, exit."""
-    code = EXIT_CRASHED
-    result: dict[str, Any] = {}
+def _host(sock: socket.socket, decoder: Any, inherited: list[int]) -> None:
+    """Runs in a forked host: become a process group, then run one supervisor after another."""
+    status = 1
     try:
         for fd in inherited:  # the server's sockets and pipes are not the workload's business
             try:
@@ -302,44 +409,64 @@ def _child(workload: Any, task_id: str, result_fd: int, inherited: list[int]) ->
             except OSError:
                 pass
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # stdin was the worker's lifeline pipe
-        os.setsid()  # one group for supervisor + task, so a revoke or memory kill takes both
+        os.setsid()  # one group for host + task, so a revoke or memory kill takes both
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        from airflow.executors.base_executor import BaseExecutor
-        from airflow.sdk.exceptions import TaskAlreadyRunningError
-
-        try:
-            returned = BaseExecutor.run_workload(
-                workload, proctitle=f"airflow asyncq supervisor: {task_id}"
-            )
-            code = encode_supervisor_return(int(returned or 0))
-        except TaskAlreadyRunningError:
-            code = EXIT_DUPLICATE
-            result = {"duplicate": True}
-        except BaseException as exc:  # the supervisor itself failed: only we can say so
-            code = EXIT_CRASHED
-            result = {"error": _short(exc), "traceback": traceback.format_exc()[-8000:]}
-    finally:
-        try:
-            if result:
-                os.write(result_fd, json.dumps(result).encode())
-        finally:
+        reader = sock.makefile("rb")
+        while True:
+            _title(IDLE_TITLE)
+            line = reader.readline()
+            if not line:  # the server retired this host, or is gone
+                break
+            request = json.loads(line)
+            code, result = _supervise(decoder.validate_json(request["payload"]), str(request.get("id", "")))
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(code)
+            sock.sendall(json.dumps({"done": {"code": code, "result": result or None}}).encode() + b"\n")
+            if request.get("last") or code == EXIT_CRASHED:
+                break
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
-def run(socket_path: str, extra: list[str]) -> None:
+def _supervise(workload: Any, task_id: str) -> tuple[int, dict[str, Any]]:
+    """One workload's supervisor: (exit code as encode_supervisor_return gives it, result)."""
+    from airflow.executors.base_executor import BaseExecutor
+    from airflow.sdk.exceptions import TaskAlreadyRunningError
+
+    try:
+        returned = BaseExecutor.run_workload(workload, proctitle=f"airflow asyncq supervisor: {task_id}")
+        return encode_supervisor_return(int(returned or 0)), {}
+    except TaskAlreadyRunningError:
+        return EXIT_DUPLICATE, {"duplicate": True}
+    except BaseException as exc:  # the supervisor itself failed: only we can say so
+        return EXIT_CRASHED, {"error": _short(exc), "traceback": traceback.format_exc()[-8000:]}
+
+
+def _title(title: str) -> None:
+    with contextlib.suppress(ImportError):
+        from setproctitle import setproctitle
+
+        setproctitle(title)
+
+
+def run(socket_path: str, extra: list[str], idle_timeout: float) -> None:
     started = time.monotonic()
-    server = ForkServer(socket_path)
+    server = ForkServer(socket_path, idle_timeout)
     server.preload(extra)
     print(f"asyncq fork server preloaded in {time.monotonic() - started:.2f}s", flush=True)
     server.serve()
 
 
 def main() -> None:
-    run(sys.argv[1], [m for m in sys.argv[2].split(",") if m] if len(sys.argv) > 2 else [])
+    socket_path, preload, idle_timeout = sys.argv[1:4]  # as ForkClient starts it
+    run(socket_path, [m for m in preload.split(",") if m], float(idle_timeout))
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def main() -> None:
     paths = [sales_csv(s) for s in sizes]
     # phases skipped this time keep their results from the previous report
     report: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    report["when"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report["when"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     report["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                          "python": platform.python_version()}
     report.setdefault("files", {}).update({p.name: p.stat().st_size for p in paths})

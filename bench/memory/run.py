@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, args.concurrencies)
     report = {
         "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join(["python", "bench/memory/run.py", *(argv if argv is not None else sys.argv[1:])]),
             "commit": git("rev-parse", "HEAD"),
             "working_tree_changes": git("status", "--porcelain", "--", "airflow_asyncq_provider"),

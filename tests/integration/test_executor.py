@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 
-from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD, priority_step
+from airflow_asyncq_provider.broker.config import priority_step
+from airflow_asyncq_provider.broker.messages import EXECUTE_WORKLOAD
 from airflow_asyncq_provider.errors import BrokerUnavailable
-from airflow_asyncq_provider.state import events, registry
+from airflow_asyncq_provider.state import events, records, registry
 from airflow_asyncq_provider.state.keys import Keys
 
 from ._support import KOMBU_SEP, REDIS_URL
@@ -190,6 +193,42 @@ def test_started_on_a_worker_without_heartbeat_is_lost(executor, redis_client, k
     assert reason.startswith("worker never-beat@h lost: no heartbeat for more than 30 s")
 
 
+def _heartbeat(redis_client, keys, hostname: str, started_at: float, pid: int, tasks: list[str]) -> None:
+    """What a worker process' heartbeat writes (worker/service.py ``info``)."""
+    registry.heartbeat(redis_client, keys, hostname, registry.WorkerInfo(
+        queues=["q"], slots=4, running=len(tasks), version="it", pid=pid, forkserver_pid=None,
+        started_at=started_at, last_claim_at=started_at, consumer_tick_at=time.time(), draining=False,
+        memory_budget=1, memory_reserved=0, memory_in_use=0,
+        tasks={t: registry.RunningTask(123, 0, None) for t in tasks}), ttl=30)
+
+
+def test_a_worker_restarted_under_the_same_name_has_its_predecessors_tasks_lost_at_once(
+        executor, redis_client, key_prefix, queue_name, make_workload, states):
+    keys, host = Keys(key_prefix), "w-restart@h"
+    workload = make_workload(queue=queue_name)
+    task_id = workload.ti.external_executor_id
+    _publish(executor, [workload])
+    _heartbeat(redis_client, keys, host, started_at=time.time() - 10, pid=100, tasks=[])
+    # what the worker does with the message (worker/runner.py): claim, received, first lease, started
+    assert records.claim(redis_client, keys, task_id, host, ttl=60).won
+    events.emit(redis_client, keys, task_id, events.RECEIVED, maxlen=1000, ttl=60, hostname=host)
+    records.take_lease(redis_client, keys, task_id, host, lease_ms=30_000)
+    events.emit(redis_client, keys, task_id, events.STARTED, maxlen=1000, ttl=60, hostname=host, pid=123)
+    executor.sync()  # started after the process' last heartbeat: not listed yet, but its lease is there
+    assert executor.get_event_buffer() == {workload.ti.key: (states.RUNNING, task_id)}
+
+    # SIGKILLed; a supervisor starts the node again at once (1 s later on its clock) and it heartbeats
+    _heartbeat(redis_client, keys, host, started_at=time.time() + 1, pid=200, tasks=[])
+    executor._next_liveness = 0.0  # the next periodic check, without waiting LIVENESS_EVERY
+    executor.sync()
+
+    state, reason = executor.get_event_buffer()[workload.ti.key]
+    assert state == states.FAILED
+    assert reason.startswith(f"worker {host} lost: it restarted (pid 200, started at ")
+    assert reason.endswith("after it took this task; the process that ran it is gone")
+    assert redis_client.exists(keys.lease(task_id)), "reported while the dead process' lease still runs"
+
+
 def test_sync_cost_follows_events_not_running_tasks(executor, redis_client, key_prefix, queue_name,
                                                     make_workload, monkeypatch, states):
     workloads = [make_workload(task_id=f"t{i}", queue=queue_name) for i in range(500)]
@@ -291,6 +330,48 @@ def test_adoption_from_records(executor, redis_client, key_prefix, queue_name, m
         successor.end()
 
 
+def test_a_record_whose_message_was_never_sent_is_left_to_airflow_to_reset(
+        executor, redis_client, key_prefix, queue_name, make_workload):
+    """Scheduler A writes the records of a batch and is killed before it sends them. The adopting
+    scheduler B cannot send them, so it does not adopt them: Airflow resets them and queues them again
+    at once, instead of after [scheduler] task_queued_timeout. What A sent, or a worker touched, B adopts."""
+    from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
+
+    class Killed(BaseException):
+        """Stops A right after its record round trip, as a SIGKILL would (no except clause sees it)."""
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise Killed()
+
+    keys = Keys(key_prefix)
+    sent, unsent, claimed = (make_workload(task_id=n, queue=queue_name) for n in ("sent", "unsent", "claimed"))
+    _publish(executor, [sent])
+    with mock.patch("airflow_asyncq_provider.broker.messages.send_workload", killed), pytest.raises(Killed):
+        _publish(executor, [unsent, claimed])
+    messages = {json.loads(raw)["headers"]["id"] for step in range(10)
+                for raw in redis_client.lrange(_queue_list(queue_name, step), 0, -1)}
+    assert messages == {sent.ti.external_executor_id}
+    for w in (unsent, claimed):
+        record = redis_client.hgetall(keys.task(w.ti.external_executor_id))
+        assert record["state"] == "published" and "sent_at" not in record
+    assert "sent_at" in redis_client.hgetall(keys.task(sent.ti.external_executor_id))
+    # A worker claimed this one although its mark is missing: a message did exist, so it is adopted.
+    records.claim(redis_client, keys, claimed.ti.external_executor_id, "w@h", ttl=60)
+
+    successor = AsyncQExecutor()  # B, on the same fleet
+    successor.start()
+    try:
+        not_adopted = successor.try_adopt_task_instances([sent.ti, unsent.ti, claimed.ti])
+        assert [ti.key for ti in not_adopted] == [unsent.ti.key]
+        assert successor.running == {sent.ti.key, claimed.ti.key}
+        assert successor.get_event_buffer() == {}
+        # and revoked, so that a message A did send after all is dropped before a worker claims it
+        assert records.is_revoked(redis_client, keys, unsent.ti.external_executor_id)
+        assert not records.is_revoked(redis_client, keys, sent.ti.external_executor_id)
+    finally:
+        successor.end()
+
+
 @pytest.mark.slow
 def test_broker_lost_after_start_retries_then_fails_the_task(asyncq_env, queue_name, make_workload, states):
     from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
@@ -322,7 +403,8 @@ def test_publish_to_a_dead_broker_is_bounded_by_publish_timeout(asyncq_env, queu
 
     from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
 
-    asyncq_env.setenv("AIRFLOW__ASYNCQ__PUBLISH_TIMEOUT", "0.5")
+    publish_timeout = 0.5
+    asyncq_env.setenv("AIRFLOW__ASYNCQ__PUBLISH_TIMEOUT", str(publish_timeout))
     ex = AsyncQExecutor()
     ex.start()
     try:
@@ -333,7 +415,11 @@ def test_publish_to_a_dead_broker_is_bounded_by_publish_timeout(asyncq_env, queu
         ex._process_workloads([workload])
         elapsed = time.monotonic() - started
         assert workload.ti.key in ex.queued_tasks
-        assert elapsed < 1.5, f"one publish attempt blocked the scheduler loop for {elapsed:.1f} s"
+        # The contract, not a speed target (bench/publish_timeout.py measures how fast: a few ms):
+        # one attempt gives up within publish_timeout and never sleeps in kombu's reconnect back-off,
+        # which took 4x publish_timeout here (2 s). The extra second is for a loaded machine.
+        assert elapsed < publish_timeout + 1.0, \
+            f"one publish attempt blocked the scheduler loop for {elapsed:.1f} s"
     finally:
         ex.end()
 

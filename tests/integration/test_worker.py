@@ -6,8 +6,10 @@ still alive afterwards: no message may take the worker down.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD, make_celery_app
+from airflow_asyncq_provider.broker.config import make_celery_app
+from airflow_asyncq_provider.broker.messages import EXECUTE_WORKLOAD
 from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state import events, registry
 from airflow_asyncq_provider.state.keys import Keys
@@ -70,6 +73,23 @@ class Fleet:
 
         return wait_for(found, timeout, lambda: f"{kind} event for {task_id}\n{self.worker.output()[-3000:]}")
 
+    def wait_handled(self, task_id: str, timeout: float = 20) -> str:
+        """The outcome the worker's task returned for this message, once it has returned.
+
+        Celery logs the line when the task function returns, and the worker runs a message to its end in
+        that function (a started workload included), so no later event can come from this delivery.
+        """
+        done = re.compile(rf"Task {re.escape(EXECUTE_WORKLOAD)}\[{re.escape(task_id)}\] "
+                          r"succeeded in \S+: '([^']*)'")
+
+        def found() -> re.Match[str] | None:
+            self._check_alive()
+            return done.search(self.worker.output())
+
+        match = wait_for(found, timeout, lambda: f"the worker to finish handling {task_id}\n"
+                                                 f"{self.worker.output()[-3000:]}")
+        return match.group(1)
+
     def _check_alive(self) -> None:
         assert self.worker.alive(), f"the worker died:\n{self.worker.output()[-5000:]}"
 
@@ -90,13 +110,12 @@ def _jwt_like(exp: float) -> str:
     return f"{part({'alg': 'HS512', 'typ': 'JWT'})}.{part({'exp': exp, 'sub': 'x'})}.{uuid.uuid4().hex}sig"
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+@contextlib.contextmanager
+def _running_fleet(redis_client: redis.Redis, home: Path) -> Iterator[Fleet]:
     from celery.utils.nodenames import host_format
 
     uid = uuid.uuid4().hex[:10]
     prefix, queue, node = f"it-{uid}", f"itq_{uid}", f"it-{uid}@%h"
-    home: Path = tmp_path_factory.mktemp("worker_home")
     env = airflow_env(home, broker_url=REDIS_URL, key_prefix=prefix,
                       worker_heartbeat_interval=str(HEARTBEAT), worker_lost_timeout=str(5 * HEARTBEAT))
     # No api-server in this tier: a real workload's supervisor fails fast at the Execution API.
@@ -122,6 +141,28 @@ def fleet(redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -
         redis_client.delete(*queue_keys(queue))
         # a warm shutdown unregisters the worker (checked here, after the tests, on the real process)
         assert code == 0, f"worker exit code {code}:\n{worker.output()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One worker for the module's tests; none of them may change what another one checks."""
+    with _running_fleet(redis_client, tmp_path_factory.mktemp("worker_home")) as running:
+        yield running
+
+
+@pytest.fixture
+def own_fleet(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Fleet]:
+    """A worker of the test's own, for a test that breaks a part of it."""
+    with _running_fleet(redis_client, tmp_path) as running:
+        yield running
+
+
+def _claimed_elsewhere(fleet: Fleet) -> str:
+    """Send a message whose task record another worker has already claimed (a duplicate delivery)."""
+    task_id = f"it-{uuid.uuid4()}"
+    fleet.redis.hset(fleet.keys.task(task_id), mapping={"claimed_by": "other@host", "state": "started"})
+    fleet.send(json.dumps({"type": "ExecuteTask", "token": "tok", "ti": {}}), task_id=task_id)
+    return task_id
 
 
 def test_worker_registers_with_its_queues_and_slots(fleet):
@@ -193,13 +234,12 @@ def test_pickle_message_is_refused(fleet):
 
 
 def test_duplicate_delivery_is_dropped(fleet):
-    task_id = f"it-{uuid.uuid4()}"
-    fleet.redis.hset(fleet.keys.task(task_id), mapping={"claimed_by": "other@host", "state": "started"})
-    fleet.send(json.dumps({"type": "ExecuteTask", "token": "tok", "ti": {}}), task_id=task_id)
+    task_id = _claimed_elsewhere(fleet)
     duplicate = fleet.wait_event(task_id, events.DUPLICATE)
     assert duplicate["reason"] == "already claimed by other@host"
     assert duplicate["hostname"] == fleet.hostname
-    time.sleep(1.0)  # long enough for a wrongly started run to report
+    # a wrongly started run would have reported before the slot returned
+    assert fleet.wait_handled(task_id) == events.DUPLICATE
     assert fleet.kinds(task_id) == [events.DUPLICATE]  # no received, no terminal event
     record = fleet.redis.hgetall(fleet.keys.task(task_id))
     assert (record["claimed_by"], record["state"]) == ("other@host", "started")  # the real run's record
@@ -213,7 +253,7 @@ def test_revoked_before_start_never_starts(fleet):
     fleet.send(json.dumps({"type": "ExecuteTask", "token": "tok", "ti": {}}), task_id=task_id)
     revoked = fleet.wait_event(task_id, events.REVOKED)
     assert revoked["reason"] == "revoked before start"
-    time.sleep(1.0)
+    assert fleet.wait_handled(task_id) == events.REVOKED  # the slot returned: a start would have reported
     assert fleet.kinds(task_id) == [events.REVOKED]  # no received, no started
     fleet.assert_serving()
 
@@ -223,10 +263,12 @@ def test_executor_to_worker_round_trip(fleet, monkeypatch, make_workload):
     _round_trip(fleet, monkeypatch, make_workload)
 
 
-def test_a_killed_fork_server_is_replaced_by_a_fresh_interpreter(fleet, monkeypatch, make_workload):
-    """The worker has threads by now, so it must not fork again: the new server is ``python -m``."""
+def test_a_killed_fork_server_is_replaced_by_a_fresh_interpreter(own_fleet, monkeypatch, make_workload):
+    """The worker runs threads (Celery's pool, the heartbeat) once it has started, so it must not fork
+    again: the new server is ``python -m``. A worker of its own: the module's keeps its forked server."""
     import psutil
 
+    fleet = own_fleet
     old = registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]["forkserver_pid"]
     psutil.Process(old).kill()
     _round_trip(fleet, monkeypatch, make_workload)
@@ -285,11 +327,19 @@ def _round_trip(fleet, monkeypatch, make_workload) -> None:
 
 def test_still_alive_and_heartbeating(fleet):
     before = registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]
-    wait_for(lambda: registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]["heartbeat_at"]
-             > before["heartbeat_at"], 5 * HEARTBEAT, "a newer heartbeat")
-    after = registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]
+    claimed_after = time.time() - 0.001  # the heartbeat rounds its times to the millisecond
+    task_id = _claimed_elsewhere(fleet)  # this test's own claim (dropped as a duplicate)
+    fleet.wait_handled(task_id)
+
+    def newer_heartbeat_with_the_claim() -> dict[str, Any] | None:
+        info = registry.live_workers(fleet.redis, fleet.keys)[fleet.hostname]
+        return info if (info["heartbeat_at"] > before["heartbeat_at"]
+                        and info["last_claim_at"] >= claimed_after) else None
+
+    after = wait_for(newer_heartbeat_with_the_claim, 5 * HEARTBEAT,
+                     "a newer heartbeat that reports the claim just made")
     assert after["running"] == 0 and after["free"] == 2
-    assert after["last_claim_at"] > 0  # it claimed the messages above
+    assert after["last_claim_at"] >= claimed_after > 0  # it claimed the message above
     assert 0 < fleet.redis.pttl(fleet.keys.worker(fleet.hostname)) <= 5 * HEARTBEAT * 1000
     fleet.assert_serving()
 

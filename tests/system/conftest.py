@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,8 +20,11 @@ import pytest
 
 from devtools.stack import Stack
 
-REDIS_DB = 13
+# Each concurrent run of the system tier needs a Redis DB of its own: Celery queue names are unprefixed.
+REDIS_DB = int(os.environ.get("ASYNCQ_SYSTEM_REDIS_DB", "13"))
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+#: Lines of each component log that a failed system test prints.
+LOG_TAIL_LINES = 40
 
 
 def _require(port: int, name: str) -> None:
@@ -40,8 +44,51 @@ def side_effects(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("effects") / "side_effects.log"
 
 
+class StatsdListener:
+    """A real UDP StatsD endpoint: every datagram the stack's components send, kept in order."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="statsd-listener", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except OSError:
+                continue
+            with self._lock:
+                self.lines.extend(line for line in data.decode(errors="replace").splitlines() if line)
+
+    def received(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, side_effects: Path) -> Iterator[Stack]:
+def statsd() -> Iterator[StatsdListener]:
+    listener = StatsdListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, side_effects: Path,
+          statsd: StatsdListener) -> Iterator[Stack]:
     _require(5432, "PostgreSQL")
     _require(6379, "Redis")
     db = f"asyncq_system_{os.getpid()}"
@@ -59,6 +106,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, side_effects: Path) -> Itera
                   "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
                   "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
                   "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+                  # Every component sends its metrics to the session's StatsD listener (test_metrics.py).
+                  "AIRFLOW__METRICS__STATSD_ON": "True",
+                  "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+                  "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+                  "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
               })
     subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True, capture_output=True)
     s.migrate()
@@ -93,3 +145,18 @@ def wait_for(predicate, timeout: float, what: str, stack: Stack | None = None, e
             return value
         time.sleep(every)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed system test shows the end of each component's log: CI keeps nothing else of the run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    stacks = {id(s): s for s in (getattr(arg, "stack", arg) for arg in item.funcargs.values())
+              if isinstance(s, Stack)}
+    for stack in stacks.values():
+        for path in sorted(stack.logs.glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            report.sections.append((f"log tail {path.name}", "\n".join(line[:400] for line in lines)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,9 +27,21 @@ def native_worker(stack: Stack) -> Iterator[str]:
                 env={"AIRFLOW__ASYNCQ__TASK_MODULES": "airflow_asyncq_provider.native.examples",
                      "ASYNCQ_WORKER_NAME": "w-native"})
     client = redis.Redis(db=REDIS_DB, decode_responses=True)
-    key = f"{stack.env['AIRFLOW__ASYNCQ__KEY_PREFIX']}:native:tasks"
-    wait_for(lambda: client.hexists(key, "asyncq.examples.fetch_page"), 120,
-             "the native lane to register the example tasks", stack=stack)
+    prefix = stack.env["AIRFLOW__ASYNCQ__KEY_PREFIX"]
+    key = f"{prefix}:native:tasks"
+
+    def lane_ready() -> bool:
+        # Both: this lane registered the tasks (an earlier test's lane may have left the name behind),
+        # and the worker's heartbeat shows its lane alive, which is what the example's first task checks.
+        record = client.hget(key, "asyncq.examples.fetch_page")
+        if not record or not json.loads(record).get("hostname", "").startswith("w-native@"):
+            return False
+        names = [n for n in client.smembers(f"{prefix}:workers") if n.startswith("w-native@")]
+        native = [client.hget(f"{prefix}:worker:{n}", "native") for n in names]
+        return any(raw and json.loads(raw).get("alive") for raw in native)
+
+    wait_for(lane_ready, 120, "the native lane to register the example tasks and show in the registry",
+             stack=stack)
     try:
         yield "w-native"
     finally:
@@ -90,7 +101,11 @@ def test_unknown_task_name_and_remote_failure_fail_the_task_with_a_clear_log(sta
     assert "examples.py" in failure_log  # a frame of the remote task
     task_id = stack.xcom("asyncq_native_bad_input", run_id, "fire_and_forget")
     assert isinstance(task_id, str) and len(task_id) == 36
-    time.sleep(0.5)
+    # Celery logs this line on the lane after it stored any result, so the result key is final then.
+    done = f"Task asyncq.examples.rank[{task_id}] succeeded in "
+    lane_log = stack.logs / f"{native_worker}.log"  # the lane writes to its worker's log
+    wait_for(lambda: done in lane_log.read_text(errors="replace"), 60,
+             f"the lane to log {done!r} in {lane_log}", stack=stack)
     client = redis.Redis(db=REDIS_DB, decode_responses=True)
     assert not client.exists(f"{stack.env['AIRFLOW__ASYNCQ__KEY_PREFIX']}:native:celery-task-meta-{task_id}")
     json.dumps(tis["unknown_name"])  # the API answered JSON for every TI

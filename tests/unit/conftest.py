@@ -49,7 +49,7 @@ class FakePipeline:
 
         return queue
 
-    def execute(self) -> list[Any]:
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
         self._redis.pipelines_executed += 1
         if self._redis.fail_with is not None:
             raise self._redis.fail_with
@@ -63,7 +63,8 @@ class FakeRedis:
     def __init__(self) -> None:
         self.hashes: dict[str, dict[str, str]] = {}
         self.ttls: dict[str, int] = {}
-        self.stream: list[tuple[str, dict[str, str]]] = []
+        self.stream: list[tuple[str, dict[str, str]]] = []  # the event stream (``<prefix>:events``)
+        self.other_streams: dict[str, list[tuple[str, dict[str, str]]]] = {}  # fleet events and the like
         self.lists: dict[str, list[str]] = {}
         self.strings: dict[str, str] = {}
         self.sets: dict[str, set[str]] = {}
@@ -104,6 +105,10 @@ class FakeRedis:
         self._cmd("HGET")
         return self.hashes.get(key, {}).get(field)
 
+    def hmget(self, key: str, fields: list[str], *more: str) -> list[str | None]:
+        self._cmd("HMGET")
+        return [self.hashes.get(key, {}).get(field) for field in [*fields, *more]]
+
     def hgetall(self, key: str) -> dict[str, str]:
         self._cmd("HGETALL")
         return dict(self.hashes.get(key, {}))
@@ -125,6 +130,13 @@ class FakeRedis:
         self._cmd("SMEMBERS")
         return set(self.sets.get(key, set()))
 
+    def sadd(self, key: str, *members: str) -> int:
+        self._cmd("SADD")
+        found = self.sets.setdefault(key, set())
+        added = len(set(members) - found)
+        found.update(members)
+        return added
+
     def info(self, section: str | None = None) -> dict[str, Any]:
         self._cmd("INFO")
         return {"run_id": self.run_id}
@@ -145,10 +157,14 @@ class FakeRedis:
             items.insert(0, str(value))
         return len(items)
 
+    def _stream(self, name: str) -> list[tuple[str, dict[str, str]]]:
+        return self.stream if name.endswith(":events") else self.other_streams.setdefault(name, [])
+
     def xadd(self, name: str, fields: dict[str, Any], **_: Any) -> str:
         self._cmd("XADD")
-        stream_id = f"{len(self.stream) + 1}-0"
-        self.stream.append((stream_id, {k: str(v) for k, v in fields.items()}))
+        stream = self._stream(name)
+        stream_id = f"{len(stream) + 1}-0"
+        stream.append((stream_id, {k: str(v) for k, v in fields.items()}))
         return stream_id
 
     def xread(self, streams: dict[str, str], count: int | None = None) -> list[Any]:
@@ -157,9 +173,15 @@ class FakeRedis:
         newer = [(i, f) for i, f in self.stream if _sid(i) > _sid(last)][:count]
         return [[name, newer]] if newer else []
 
+    def xrange(self, name: str, min: str = "-", max: str = "+", count: int | None = None) -> list[Any]:
+        self._cmd("XRANGE")
+        lo = (0, 0) if min == "-" else _sid(min)
+        hi = (2**63, 0) if max == "+" else _sid(max)
+        return [(i, f) for i, f in self._stream(name) if lo <= _sid(i) <= hi][:count]
+
     def xrevrange(self, name: str, count: int | None = None) -> list[Any]:
         self._cmd("XREVRANGE")
-        return list(reversed(self.stream))[:count]
+        return list(reversed(self._stream(name)))[:count]
 
     def close(self) -> None:
         self.closed = True

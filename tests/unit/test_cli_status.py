@@ -27,7 +27,7 @@ def test_fleet_rows_sorted_and_derived():
     assert rows[1] == {"worker": "b@h", "health": "ok", "queues": "default,high_mem", "slots": 8,
                        "running": 3, "free": 5, "mem_budget_mib": 8192, "mem_reserved_mib": 768,
                        "mem_in_use_mib": 300, "heartbeat_age_s": 1.3, "up_s": 3600, "version": "0.1.0",
-                       "native": "-"}
+                       "native": "-", "maintenance": "-"}
     assert rows[0]["queues"] == "x"
 
 
@@ -35,7 +35,8 @@ def test_fleet_rows_tolerate_missing_fields():
     (row,) = fleet_rows({"w": {}}, NOW)
     assert row == {"worker": "w", "health": "starting", "queues": "", "slots": None, "running": None,
                    "free": None, "mem_budget_mib": None, "mem_reserved_mib": None, "mem_in_use_mib": None,
-                   "heartbeat_age_s": None, "up_s": None, "version": None, "native": "-"}
+                   "heartbeat_age_s": None, "up_s": None, "version": None, "native": "-",
+                   "maintenance": "-"}
 
 
 def test_fleet_rows_accept_string_timestamps():
@@ -54,7 +55,8 @@ def test_render_table_aligns_columns():
     assert len(lines) == 4
     header, rule, first, second = lines
     assert header.split() == ["WORKER", "HEALTH", "QUEUES", "SLOTS", "RUNNING", "FREE", "MEM_BUDGET_MIB",
-                              "MEM_RESERVED_MIB", "MEM_IN_USE_MIB", "HEARTBEAT_AGE_S", "UP_S", "VERSION", "NATIVE"]
+                              "MEM_RESERVED_MIB", "MEM_IN_USE_MIB", "HEARTBEAT_AGE_S", "UP_S", "VERSION", "NATIVE",
+                              "MAINTENANCE"]
     assert set(rule.replace(" ", "")) == {"-"}
     # every column starts at the same offset on every line
     for column in ("QUEUES", "SLOTS", "VERSION"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import types
 from typing import Any
 from unittest import mock
@@ -41,6 +42,22 @@ def _track(executor, key, task_id: str, hostname: str | None = None, started: bo
 
 def _ti(key, external_executor_id: str | None, queue: str = "q") -> Any:
     return types.SimpleNamespace(key=key, external_executor_id=external_executor_id, queue=queue)
+
+
+def _track_sent(executor, workload) -> Any:
+    """What ``_process_workloads`` leaves for a workload it sent: tracked, with the workload to resend."""
+    from airflow_asyncq_provider.executors.tracking import Tracked
+
+    item = executor._outgoing(workload)
+    executor.running.add(item.key)
+    executor._track(item.key, Tracked(item.task_id, item.queue, 1.0, outgoing=item))
+    return item
+
+
+def _publish_now(executor, workloads) -> None:
+    for w in workloads:
+        executor.queued_tasks[w.ti.key] = w
+    executor._process_workloads(workloads)
 
 
 # -------------------------------------------------------------------------------------- _apply
@@ -192,7 +209,14 @@ def test_stream_errors_are_survived(executor, fake_redis):
 def test_sync_before_start_is_a_no_op():
     from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
 
-    AsyncQExecutor().sync()
+    executor = AsyncQExecutor()
+    with mock.patch.object(executor, "_read_events") as read, \
+            mock.patch.object(executor, "_guarded") as guarded:
+        executor.sync()
+    read.assert_not_called()  # no Redis yet: nothing is read, checked or recovered
+    guarded.assert_not_called()
+    assert executor._redis is None and executor.settings is None
+    assert executor.event_buffer == {} and not executor.running and not executor.queued_tasks
 
 
 def test_sync_cost_does_not_grow_with_idle_tasks(executor, fake_redis, ti_key):
@@ -404,8 +428,19 @@ def test_revoke_without_an_id_touches_nothing(executor, fake_redis, ti_key):
 def test_revoke_never_raises(executor, fake_redis, ti_key):
     import redis
 
+    key = ti_key()
+    executor.running.add(key)
+    executor.queued_tasks[key] = object()  # type: ignore[assignment]
     fake_redis.fail_with = redis.ConnectionError("down")
-    executor.revoke_task(ti=_ti(ti_key(), "ext-1"))
+    executor._log = mock.Mock()  # LoggingMixin caches its logger here
+    executor.revoke_task(ti=_ti(key, "ext-1"))  # returns although Redis is down
+    assert fake_redis.pipelines_executed == 1  # it did try to write the revoke
+    assert "unit:task:ext-1" not in fake_redis.hashes
+    executor._log.exception.assert_called_once()  # the failure is logged, with its traceback
+    assert "ext-1" in executor._log.exception.call_args.args
+    # the scheduler's slot is released all the same
+    assert key not in executor.running and key not in executor.queued_tasks
+    assert executor.event_buffer == {}
 
 
 # -------------------------------------------------------------------------------------- adoption
@@ -424,7 +459,7 @@ def test_adopt_mixed(executor, fake_redis, ti_key, states):
     succeeded = _ti(ti_key("succeeded"), "id-ok")
     failed = _ti(ti_key("failed"), "id-bad")
     fake_redis.hashes.update({
-        "unit:task:id-pub": {"queue": "q1", "published_at": "100.5", "state": "published"},
+        "unit:task:id-pub": {"queue": "q1", "published_at": "100.5", "state": "published", "sent_at": "100.6"},
         "unit:task:id-run": {"queue": "q1", "state": "started", "claimed_by": "w1", "hostname": "w1"},
         "unit:task:id-ok": {"state": "success", "claimed_by": "w1"},
         "unit:task:id-bad": {"state": "failed", "reason": "task process exited with code 1"},
@@ -457,3 +492,228 @@ def test_adopt_reads_every_record_in_one_round_trip(executor, fake_redis, ti_key
     tis = [_ti(ti_key(f"t{i}"), f"id-{i}") for i in range(50)]
     executor.try_adopt_task_instances(tis)
     assert fake_redis.pipelines_executed == 1
+
+
+def test_queued_callback_is_reported_with_the_callback_state_class(executor):
+    # As BaseExecutor does: change_state(key, state_class_for_key(key).QUEUED, ...), never a TI state.
+    from airflow.executors.workloads import BundleInfo, ExecuteCallback
+    from airflow.executors.workloads.callback import CallbackDTO
+    from airflow.executors.workloads.types import CallbackState
+
+    callback = ExecuteCallback(callback=CallbackDTO(id="cb-2", fetch_method="import_path",
+                                                    data={"path": "m.f", "queue": "cbq"}),
+                               dag_rel_path="d.py", token="tok", log_path=None,
+                               bundle_info=BundleInfo(name="b"))
+    executor.queued_callbacks[callback.callback.key] = callback
+    executor._publish = lambda items: None  # type: ignore[method-assign]
+    executor._process_workloads([callback])
+    state, info = executor.event_buffer[callback.callback.key]
+    assert state is CallbackState.QUEUED and info == "cb-2"
+    assert callback.callback.key in executor.running
+
+
+def test_a_restart_rereads_the_stream_from_its_start(executor, fake_redis, make_workload):
+    executor._check_redis_restart()  # learns the first run_id
+    _track_sent(executor, make_workload())
+    executor._last_event_id = "7-0"  # not in the (new, empty) stream
+    fake_redis.run_id = "after-restart"
+    executor._check_redis_restart()
+    assert executor._last_event_id == "0-0" and executor._recovery_at is not None
+
+
+def test_a_failover_to_a_replica_that_kept_the_stream_keeps_the_reading_position(executor, fake_redis,
+                                                                                    make_workload):
+    for n in range(3):
+        fake_redis.xadd("unit:events", {"id": f"t{n}", "kind": "received"})
+    executor._check_redis_restart()
+    _track_sent(executor, make_workload())
+    executor._last_event_id = "2-0"
+    fake_redis.run_id = "the-promoted-replica"
+    executor._check_redis_restart()
+    # no replay of 200,000 events from the start, but the lost-message check still runs
+    assert executor._last_event_id == "2-0" and executor._recovery_at is not None
+
+
+class _Clock:
+    """Stands in for the ``time`` module of executors/liveness.py: ``monotonic`` moves when a test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from airflow_asyncq_provider.executors import liveness
+
+    fake = _Clock()
+    monkeypatch.setattr(liveness, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def celery(executor):
+    """The real publish path with Celery stubbed: ``executor._app.send_task`` records every message."""
+    executor._app = mock.Mock()
+    executor._producer = mock.Mock(spec=["connection"])
+    return executor._app
+
+
+def _sent_ids(app) -> list[str]:
+    return [call.kwargs["task_id"] for call in app.send_task.call_args_list]
+
+
+def test_a_switch_seen_while_idle_does_not_republish_what_is_published_after_it(executor, fake_redis,
+                                                                                make_workload, celery, clock):
+    """The run_id changes while the executor tracks nothing; a workload published afterwards went to the
+    new Redis, so it is never republished as "lost" (nor counted as a redis_restart republish)."""
+    executor.sync()  # learns the run_id
+    fake_redis.run_id = "after-restart"
+    executor._next_liveness = 0.0
+    executor.sync()  # sees the switch while idle
+    workload = make_workload()
+    _publish_now(executor, [workload])
+    clock.now += 10 * executor.settings.worker_heartbeat_interval  # long past the workers' next heartbeat
+    executor._next_liveness = 0.0
+    executor.sync()
+    assert _sent_ids(celery) == [workload.ti.external_executor_id]
+    assert executor._recovery_at is None
+
+
+def test_a_switch_republishes_only_what_was_waiting_when_it_was_seen(executor, fake_redis, make_workload,
+                                                                    celery, clock):
+    before, after, started = (make_workload(task_id=n) for n in ("before", "after", "started"))
+    _publish_now(executor, [before, started])
+    executor._apply(started.ti.external_executor_id, events.STARTED, {"hostname": "w1"})
+    executor._check_redis_restart()  # learns the run_id
+    fake_redis.run_id = "after-restart"
+    fake_redis.hashes.clear()  # the restarted Redis kept nothing
+    executor._check_redis_restart()
+    _publish_now(executor, [after])
+    clock.now += 10 * executor.settings.worker_heartbeat_interval
+    executor._recover_lost_messages()
+    ids = [w.ti.external_executor_id for w in (before, started, after, before)]
+    assert _sent_ids(celery) == ids
+    # the republished workload is marked sent again, in the Redis that forgot the first mark
+    assert "sent_at" in fake_redis.hashes[f"unit:task:{before.ti.external_executor_id}"]
+    assert executor._recovery_at is None and executor._recovery_ids == set()
+
+
+def test_a_recovery_whose_republish_fails_is_tried_again(executor, fake_redis, make_workload, celery, clock):
+    """Just after a switch the new master may still refuse the re-publish: the recovery stays armed for
+    the same workloads and goes through on a later heartbeat, instead of leaving them to
+    task_queued_timeout."""
+    lost = make_workload(task_id="lost")
+    _publish_now(executor, [lost])
+    executor._check_redis_restart()
+    fake_redis.run_id = "after-restart"
+    fake_redis.hashes.clear()
+    executor._check_redis_restart()
+    celery.send_task.side_effect = OSError("still switching")
+    clock.now += 10 * executor.settings.worker_heartbeat_interval
+    executor._recover_lost_messages()
+    assert executor._recovery_at is not None and executor._recovery_ids == {lost.ti.external_executor_id}
+    tries = _sent_ids(celery).count(lost.ti.external_executor_id)  # the publish, the refused re-publish
+    assert tries == 2
+    celery.send_task.side_effect = None
+    executor._producer = mock.Mock(spec=["connection"])  # the failure dropped the stub's producer
+    executor._recover_lost_messages()  # not yet: one heartbeat interval between tries
+    assert _sent_ids(celery).count(lost.ti.external_executor_id) == tries
+    clock.now += executor.settings.worker_heartbeat_interval
+    executor._recover_lost_messages()
+    assert _sent_ids(celery).count(lost.ti.external_executor_id) == tries + 1
+    assert executor._recovery_at is None and executor._recovery_ids == set()
+
+
+# -------------------------------------------------------------------------------------- sent marks
+def test_publish_marks_the_batch_sent_after_sending_in_one_round_trip(executor, fake_redis, make_workload,
+                                                                      celery):
+    items = [executor._outgoing(make_workload(task_id=n)) for n in ("a", "b", "c")]
+    marked_when_sent: list[bool] = []
+    celery.send_task.side_effect = lambda *a, **k: marked_when_sent.append(
+        "sent_at" in fake_redis.hashes[f"unit:task:{k['task_id']}"])
+    executor._publish(items)
+    assert marked_when_sent == [False, False, False]
+    assert fake_redis.pipelines_executed == 2  # the records, then the marks: never one per workload
+    for item in items:
+        assert float(fake_redis.hashes[f"unit:task:{item.task_id}"]["sent_at"]) > 0
+        assert fake_redis.ttls[f"unit:task:{item.task_id}"] == executor.settings.state_ttl
+
+
+def test_a_failed_send_marks_nothing(executor, fake_redis, make_workload, celery):
+    item = executor._outgoing(make_workload())
+    celery.send_task.side_effect = OSError("gone")
+    with pytest.raises(PublishError):
+        executor._publish([item])
+    record = fake_redis.hashes[f"unit:task:{item.task_id}"]
+    assert record["state"] == "published" and "sent_at" not in record
+
+
+def test_a_mark_that_fails_does_not_fail_the_publish(executor, make_workload, celery, monkeypatch, states):
+    from airflow_asyncq_provider.errors import StateUnavailable
+    from airflow_asyncq_provider.state import records
+
+    monkeypatch.setattr(records, "mark_sent", mock.Mock(side_effect=StateUnavailable("mark_sent: down")))
+    executor._log = mock.Mock()
+    workload = make_workload()
+    _publish_now(executor, [workload])
+    assert executor.event_buffer[workload.ti.key] == (states.QUEUED, workload.ti.external_executor_id)
+    assert workload.ti.key in executor.running and workload.ti.key not in executor._publish_failures
+    executor._log.warning.assert_called_once()
+    assert "could not mark them sent" in executor._log.warning.call_args.args[0]
+
+
+def test_adopt_leaves_a_record_whose_message_was_never_sent_to_airflow(executor, fake_redis, ti_key):
+    """The scheduler died between writing the record and sending: nobody can send it now, so Airflow
+    resets it. A sent mark, a claim or a counted delivery (even one a hand-back undid) proves a message."""
+    tis = {name: _ti(ti_key(name), f"id-{name}") for name in ("unsent", "sent", "claimed", "delivered")}
+    published = {"key": "{}", "queue": "q", "published_at": "100.0", "state": "published"}
+    fake_redis.hashes.update({
+        "unit:task:id-unsent": dict(published),  # also what a record of an older version looks like
+        "unit:task:id-sent": {**published, "sent_at": "100.1"},
+        "unit:task:id-claimed": {**published, "claimed_by": "w1"},
+        "unit:task:id-delivered": {**published, "deliveries": "0"},
+    })
+    executor._log = mock.Mock()
+    not_adopted = executor.try_adopt_task_instances(list(tis.values()))
+    assert not_adopted == [tis["unsent"]]
+    assert tis["unsent"].key not in executor.running and tis["unsent"].key not in executor._tracked
+    assert executor.running == {tis[n].key for n in ("sent", "claimed", "delivered")}
+    (warning,) = executor._log.warning.call_args_list
+    assert "Not adopting" in warning.args[0] and "id-unsent" in warning.args
+    assert executor.event_buffer == {}
+
+
+def test_oversized_requests_of_a_batch_read_the_registry_once(executor, make_workload, states):
+    """Workloads that ask for more memory than any live worker on their queue has are failed at publish,
+    and a batch of them costs one registry read, not one per workload."""
+    big = [make_workload(task_id=f"big{i}", executor_config={"asyncq": {"memory_request": "64GiB"}})
+           for i in range(3)]
+    small = make_workload(task_id="small")
+    for w in (*big, small):
+        executor.queued_tasks[w.ti.key] = w
+    published: list[Any] = []
+    executor._publish = published.extend  # type: ignore[method-assign]
+    workers = {"w@h": {"queues": [big[0].ti.queue], "memory_budget": 2**30}}
+    with mock.patch("airflow_asyncq_provider.state.registry.live_workers", return_value=workers) as read:
+        executor._process_workloads([*big, small])
+    assert read.call_count == 1
+    assert [item.key for item in published] == [small.ti.key]
+    for w in big:
+        state, reason = executor.event_buffer[w.ti.key]
+        assert state == states.FAILED and "exceeds every worker's memory budget" in reason
+
+
+def test_a_batch_within_the_default_request_reads_no_registry(executor, make_workload):
+    items = [make_workload(task_id=f"t{i}") for i in range(3)]
+    for w in items:
+        executor.queued_tasks[w.ti.key] = w
+    executor._publish = lambda outgoing: None  # type: ignore[method-assign]
+    with mock.patch("airflow_asyncq_provider.state.registry.live_workers") as read:
+        executor._process_workloads(items)
+    read.assert_not_called()

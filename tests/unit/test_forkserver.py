@@ -116,3 +116,24 @@ def test_fork_server_pre_builds_the_api_ssl_context() -> None:
     # what every forked supervisor's Client() will ask for is now the one object built here
     built = client.Client._get_ssl_context_cached(client.API_SSL_CA_FILE_PATH, client.API_SSL_CERT_PATH)
     assert built is client.Client._get_ssl_context_cached(client.API_SSL_CA_FILE_PATH, client.API_SSL_CERT_PATH)
+
+
+def test_fork_server_loads_the_listener_manager_once_for_every_fork() -> None:
+    from airflow.sdk.listener import get_listener_manager
+
+    from airflow_asyncq_provider.worker.compat import warm_listener_manager
+
+    get_listener_manager.cache_clear()
+    assert warm_listener_manager() is True
+    built = get_listener_manager()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked task process finds the parent's manager and loads no plugin again
+        os.close(r)
+        os.write(w, b"1" if get_listener_manager() is built and get_listener_manager.cache_info().misses == 1
+                 else b"0")
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+    os.close(r)

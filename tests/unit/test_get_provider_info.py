@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from importlib.metadata import distribution, entry_points
 from pathlib import Path
 
 import pytest
 
 import airflow_asyncq_provider
-from airflow_asyncq_provider.get_provider_info import CONFIG_OPTIONS, get_provider_info
+from airflow_asyncq_provider.get_provider_info import AIRFLOW_OPTION_KEYS, CONFIG_OPTIONS, get_provider_info
 
-SENSITIVE = {"broker_url", "ssl_keyfile"}
+SENSITIVE = {"broker_url", "ssl_keyfile", "sentinel_password"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,25 @@ def test_executors_and_cli_are_importable_paths(info):
 def test_config_section(info):
     section = info["config"]["asyncq"]
     assert section["description"]
-    assert section["options"] is CONFIG_OPTIONS
+    assert list(section["options"]) == list(CONFIG_OPTIONS)
+    for name, option in section["options"].items():
+        # Airflow gets the option as its schema defines it; the parse keys stay in CONFIG_OPTIONS
+        assert tuple(option) == AIRFLOW_OPTION_KEYS, name
+        assert option == {key: CONFIG_OPTIONS[name][key] for key in AIRFLOW_OPTION_KEYS}
+
+
+def test_provider_info_passes_airflows_schema_with_no_extra_option_keys(info):
+    import jsonschema
+
+    spec = importlib.util.find_spec("airflow")  # finds the package without importing Airflow
+    assert spec is not None and spec.submodule_search_locations
+    schema_file = Path(next(iter(spec.submodule_search_locations))) / "provider_info.schema.json"
+    schema = json.loads(schema_file.read_text())
+    option = schema["definitions"]["option"]
+    # The schema spells it "additional_properties", which JSON Schema ignores; hold us to what it means.
+    assert set(AIRFLOW_OPTION_KEYS) == set(option["properties"])
+    option["additionalProperties"] = False
+    jsonschema.validate(info, schema)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_OPTIONS))
@@ -61,11 +81,37 @@ def test_every_option_is_documented(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_OPTIONS))
+def test_every_option_says_how_it_is_parsed(name):
+    option = CONFIG_OPTIONS[name]
+    number = option["type"] in ("integer", "float")
+    kinds = {"boolean"} if option["type"] == "boolean" else {"string", "size", "modules", "broker_url"}
+    assert option["kind"] in ({option["type"]} if number else kinds)
+    assert (option["minimum"] is not None) is number, "every number has a minimum, and only numbers do"
+    assert isinstance(option["inclusive"], bool) and (number or not option["inclusive"])
+    assert isinstance(option["optional"], bool)
+    if option["optional"]:
+        assert option["default"] == "", "an optional option defaults to empty, meaning None"
+
+
+def _boolean(value: str) -> bool:
+    """What Airflow's ``conf.getboolean`` accepts."""
+    lowered = value.strip().lower()
+    if lowered not in ("t", "true", "1", "f", "false", "0"):
+        raise ValueError(f"not a boolean: {value!r}")
+    return lowered in ("t", "true", "1")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_OPTIONS))
 def test_defaults_and_examples_parse_as_their_type(name):
     option = CONFIG_OPTIONS[name]
-    caster = {"integer": int, "float": float, "string": str}[option["type"]]
-    caster(option["default"])
-    caster(option["example"])
+    caster, kind = {"integer": (int, int), "float": (float, float), "boolean": (_boolean, bool),
+                    "string": (str, str)}[option["type"]]
+    for field in ("default", "example"):
+        try:
+            value = caster(option[field])
+        except ValueError as exc:
+            pytest.fail(f"[asyncq] {name}: {field} {option[field]!r} is not a valid {option['type']} ({exc})")
+        assert type(value) is kind, (name, field, value)
 
 
 def test_broker_url_is_sensitive(info):

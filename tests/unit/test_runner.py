@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
+from airflow_asyncq_provider.broker.messages import check_payload, workload_key
 from airflow_asyncq_provider.errors import MalformedMessage
 from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state import events
 from airflow_asyncq_provider.worker.forkclient import ForkServerError, InvalidWorkload
 from airflow_asyncq_provider.worker.forkserver import EXIT_CRASHED, EXIT_DUPLICATE, EXIT_SIGNAL_BASE
-from airflow_asyncq_provider.worker.runner import WorkloadRunner, check_payload, workload_key
+from airflow_asyncq_provider.worker.runner import WorkloadRunner
 
 TI = {"dag_id": "d", "task_id": "t", "run_id": "r", "try_number": 2, "map_index": -1}
 
@@ -83,6 +84,9 @@ class FakeChild:
     def wait(self) -> dict[str, Any]:
         return self._status
 
+    def release(self) -> None:
+        self.released = True
+
 
 class FakeForks:
     def __init__(self, status: dict[str, Any] | None = None, error: Exception | None = None) -> None:
@@ -100,12 +104,13 @@ class FakeForks:
 GIB = 1024**3
 
 
-def _runner(fake_redis, forks, budget: int = 8 * GIB, **settings: Any) -> WorkloadRunner:
+def _runner(fake_redis, forks, budget: int = 8 * GIB, requeue: Any = None, **settings: Any) -> WorkloadRunner:
     from airflow_asyncq_provider.memory.admission import Admission
 
     config = AsyncQSettings(broker_url="redis://fake/0", key_prefix="rt", **settings)
     admission = Admission(budget, config.default_memory_request)
-    return WorkloadRunner(config, "w1@host", forks, fake_redis, admission)  # type: ignore[arg-type]
+    return WorkloadRunner(config, "w1@host", forks, fake_redis, admission,  # type: ignore[arg-type]
+                          requeue=requeue)
 
 
 def _events(fake_redis, task_id: str = "T") -> list[dict[str, str]]:
@@ -177,7 +182,7 @@ def test_run_already_claimed_is_a_duplicate(fake_redis):
 def test_run_revoked_before_start(fake_redis):
     fake_redis.hashes["rt:task:T"] = {"revoked": "1.0"}
     forks = FakeForks()
-    assert _runner(fake_redis, forks).run("T", _payload()) == events.DUPLICATE
+    assert _runner(fake_redis, forks).run("T", _payload()) == events.REVOKED
     assert [e["kind"] for e in _events(fake_redis)] == [events.REVOKED]
     assert forks.spawned == []
 
@@ -187,10 +192,10 @@ def test_run_revoked_while_running(fake_redis):
     runner = _runner(fake_redis, forks)
     original = runner._claim
 
-    def claim_then_revoke(task_id: str) -> bool:
-        won = original(task_id)
-        fake_redis.hashes[f"rt:task:{task_id}"]["revoked"] = "2.0"
-        return won
+    def claim_then_revoke(delivery: Any) -> str | None:
+        dropped = original(delivery)
+        fake_redis.hashes[f"rt:task:{delivery.task_id}"]["revoked"] = "2.0"
+        return dropped
 
     runner._claim = claim_then_revoke  # type: ignore[method-assign]
     assert runner.run("T", _payload()) == events.REVOKED
@@ -224,7 +229,7 @@ def _jwt(exp: float) -> str:
 
 
 def test_token_expiry_reads_the_exp_claim():
-    from airflow_asyncq_provider.worker.runner import token_expiry
+    from airflow_asyncq_provider.broker.messages import token_expiry
 
     assert token_expiry(_jwt(1234.5)) == 1234.5
     for token in ("tok", "", "a.b.c", "a.e30.c"):  # no JWT, bad base64, no exp
@@ -259,12 +264,12 @@ def test_no_memory_for_the_request_hands_the_message_back(fake_redis, monkeypatc
 
     monkeypatch.setattr(runner_module.time, "sleep", lambda _s: None)
     forks = FakeForks()
-    runner = _runner(fake_redis, forks, budget=1 * GIB)
     requeued: list[tuple[Any, ...]] = []
-    runner.requeue = lambda *args: requeued.append(args)
+    runner = _runner(fake_redis, forks, budget=1 * GIB, requeue=lambda *args: requeued.append(args))
     meta = {"memory_request": 2 * GIB, "memory_limit": None}
     assert runner.run("T", _payload(), meta, queue="q", priority=3) == "deferred"
-    assert requeued == [("T", _payload(), meta, "q", 3)]
+    key = {"dag_id": "d", "task_id": "t", "run_id": "r", "try_number": 2, "map_index": -1}
+    assert requeued == [("T", _payload(), meta, "q", 3, key)]
     assert fake_redis.hashes["rt:task:T"]["deliveries"] == "0"  # a hand-back is not a delivery
     assert forks.spawned == [] and fake_redis.stream == []
 

@@ -10,9 +10,12 @@ from airflow_asyncq_provider.worker.command import parse_concurrency, parse_queu
 
 
 def test_exit_codes_are_the_documented_ones():
-    assert (command.EXIT_OK, command.EXIT_CONFIG, command.EXIT_BROKER, command.EXIT_FORKSERVER) == (0, 2, 3, 4)
-    for code in ("0", "2", "3", "4"):
-        assert code in command.__doc__
+    from airflow_asyncq_provider import exitcodes
+
+    assert (exitcodes.OK, exitcodes.CONFIG, exitcodes.BROKER, exitcodes.FORKSERVER, exitcodes.DRAIN_TIMEOUT,
+            exitcodes.FORCED) == (0, 2, 3, 4, 5, 6)
+    for code in ("0", "2", "3", "4", "5", "6"):
+        assert f"  {code}  " in command.__doc__
 
 
 def test_parse_queues_defaults():
@@ -57,7 +60,7 @@ JWT = "eyJhbGciOiJIUzUxMiJ9.eyJzdWIiOiJ4IiwiZXhwIjoxfQ.c2lnbmF0dXJlLXNlY3JldA"
 def _filtered(msg: str, *args: object) -> str:
     import logging
 
-    from airflow_asyncq_provider.worker.command import SecretsFilter
+    from airflow_asyncq_provider.redaction import SecretsFilter
 
     record = logging.LogRecord("t", logging.INFO, __file__, 1, msg, args or None, None)
     assert SecretsFilter().filter(record) is True  # it cleans, it never drops a line

@@ -15,7 +15,7 @@ import pytest
 import redis
 from celery import Celery
 
-from airflow_asyncq_provider.native.app import native_config
+from airflow_asyncq_provider.broker.config import native_config
 from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state import registry
 from airflow_asyncq_provider.state.keys import Keys

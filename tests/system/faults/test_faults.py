@@ -3,6 +3,7 @@ instance reached its correct final state, none stayed queued or running, and no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from airflow_asyncq_provider.celery_app import EXECUTE_WORKLOAD, make_celery_app
+from airflow_asyncq_provider.broker.config import make_celery_app
+from airflow_asyncq_provider.broker.messages import EXECUTE_WORKLOAD
 from airflow_asyncq_provider.settings import AsyncQSettings
 from devtools.stack import Stack
 from tests.system.conftest import read_effects, wait_for
@@ -57,7 +59,7 @@ def test_worker_sigkill_mid_task(fault_stack: Stack, workers, fault_effects: Pat
     dag_id = "asyncq_fault_long"
     workers("victim")
     fault_stack.wait_dag(dag_id)
-    run_id = fault_stack.trigger(dag_id, conf={"s": 60})
+    run_id = fault_stack.trigger(dag_id, conf={"s": 60, "retry_s": 2})  # only the killed try must be long
     wait_for(lambda: _runs(fault_effects, dag_id, run_id), 120, "the long task to start", fault_stack)
     killed_at = time.monotonic()
     fault_stack.kill("victim", signal.SIGKILL)  # the worker's whole process group, as an OOM kill would
@@ -92,12 +94,21 @@ def test_redis_restart_mid_run(fault_stack: Stack, workers, fault_effects: Path,
     dag_id = "asyncq_test_sleepers"
     workers("survivor", concurrency=2)
     fault_stack.wait_dag(dag_id)
-    run_id = fault_stack.trigger(dag_id, conf={"n": 6, "s": 6})
+    release = fault_stack.home / f"release-{uuid.uuid4().hex[:8]}"  # the sleepers end once it exists
+    run_id = fault_stack.trigger(dag_id, conf={"n": 6, "s": 6, "until": str(release)})
     # two sleepers run, four wait in Redis; then Redis restarts with nothing on disk
     wait_for(lambda: len(_runs(fault_effects, dag_id, run_id)) >= 2, 120, "sleepers to start", fault_stack)
+    scheduler_log = fault_stack.logs / "scheduler.log"
+    offset = scheduler_log.stat().st_size
     private_redis.stop()
     time.sleep(1)
     private_redis.start()
+    # Once the executor has seen the restart, the sleepers need not sleep: the four it lost are
+    # re-published after that and then run at once, instead of in two more waves of 6 s.
+    with contextlib.suppress(TimeoutError):  # the assertions below tell what went wrong
+        wait_for(lambda: b"Redis restarted" in scheduler_log.read_bytes()[offset:], 60,
+                 "the executor to see the restart", fault_stack)
+    release.touch()
     assert fault_stack.wait_run(dag_id, run_id, timeout=300) == "success"
     account("Redis restart mid-run", fault_stack, fault_effects, dag_id, run_id,
             {**{f"sleeper[{i}]": "success" for i in range(6)}, "items[-1]": "success",
@@ -109,7 +120,7 @@ def test_worker_sigterm_drains_then_terminates(fault_stack: Stack, workers, faul
     dag_id = "asyncq_fault_long"
     workers("drained", concurrency=1)
     fault_stack.wait_dag(dag_id)
-    run_id = fault_stack.trigger(dag_id, conf={"s": 40})
+    run_id = fault_stack.trigger(dag_id, conf={"s": 40, "retry_s": 2})  # only the drained try must be long
     wait_for(lambda: _runs(fault_effects, dag_id, run_id), 120, "the long task to start", fault_stack)
     proc = fault_stack.procs["drained"]
     proc.send_signal(signal.SIGTERM)  # the worker process only, as `docker stop` does
@@ -201,8 +212,19 @@ def test_expired_token_is_refreshed_before_the_task_starts(fault_stack: Stack, w
     assert "sent with a fresh token" in (fault_stack.logs / "scheduler.log").read_text()
 
 
-def test_no_secret_in_any_log(fault_stack: Stack) -> None:
-    """Runs last: every component's log and every task log so far, grepped for secrets."""
+def test_no_secret_in_any_log(fault_stack: Stack, workers, private_redis: PrivateRedis) -> None:
+    """Every component's log and every task log, grepped for secrets. The case makes logs of its own (a
+    worker that connects with the password, a run whose workloads carry tokens), so it does not count on
+    the other cases having run; when they did, their logs are grepped too."""
+    workers("witness")
+    _wait_registered(private_redis, "witness")
+    dag_id = "asyncq_quickstart"
+    fault_stack.wait_dag(dag_id)
+    run_id = fault_stack.trigger(dag_id, conf={"n": 2})
+    assert fault_stack.wait_run(dag_id, run_id, timeout=180) == "success"
+    # the grep below has this case's logs to search: the worker's, and the run's task logs
+    assert (fault_stack.logs / "witness.log").read_text(errors="replace").strip()
+    assert "sum of 2 squares = 1" in fault_stack.task_log(dag_id, run_id, "total", 1)
     assert grep_logs(fault_stack, REDIS_PASSWORD) == []
     assert grep_logs(fault_stack, '"token":') == []
     status = fault_stack.run("asyncq", "status")

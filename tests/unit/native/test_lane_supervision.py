@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from airflow_asyncq_provider.native import child
-from airflow_asyncq_provider.native.child import LaneProcess, LaneSpec
+from airflow_asyncq_provider.worker import native_lane as child
+from airflow_asyncq_provider.worker.native_lane import LaneProcess, LaneSpec
 
 
 class ExitingLane(LaneProcess):

@@ -14,7 +14,6 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from airflow_asyncq_provider.errors import ConfigError
-from airflow_asyncq_provider.native.child import LaneSpec, lane_spec
 from airflow_asyncq_provider.native.client import Signature, check_arguments, check_registered, remote_error
 from airflow_asyncq_provider.native.errors import (
     ArgumentNotSerializable,
@@ -22,11 +21,12 @@ from airflow_asyncq_provider.native.errors import (
     ResultTooLarge,
     UnknownTaskError,
 )
-from airflow_asyncq_provider.native.keys import NativeKeys
 from airflow_asyncq_provider.native.lane import lane_sizes
 from airflow_asyncq_provider.native.limits import SyncJob
 from airflow_asyncq_provider.settings import load_settings
+from airflow_asyncq_provider.state.keys import Keys
 from airflow_asyncq_provider.triggers.native_result import NativeResultTrigger
+from airflow_asyncq_provider.worker.native_lane import LaneSpec, lane_spec
 from tests.unit.conftest import StubConf
 
 
@@ -85,7 +85,7 @@ class RegistryStub:
         self.names = names
 
     def hget(self, key: str, name: str) -> str | None:
-        assert key == NativeKeys("p").tasks
+        assert key == Keys("p").native_tasks
         return self.names.get(name)
 
     def hkeys(self, key: str) -> list[str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
+import pyarrow  # noqa: F401  (the data extra: a missing one fails here, it does not skip)
 import pytest
 
 from airflow_asyncq_provider.errors import ConfigError
@@ -22,14 +24,12 @@ from airflow_asyncq_provider.operators import (
     InputNotFoundError,
     MalformedInputError,
     ResultTooLargeError,
+    budget,
     chunked_fan_out,
+    streaming,
 )
-from airflow_asyncq_provider.operators import chunked as chunked_module
 from airflow_asyncq_provider.operators.progress import Progress, format_eta
 from airflow_asyncq_provider.operators.results import Attempts
-
-pd = pytest.importorskip("pandas")
-pytest.importorskip("pyarrow")
 
 MIB = 1024**2
 BUDGET = "200MiB"
@@ -49,7 +49,8 @@ class StubTI:
 @pytest.fixture(autouse=True)
 def _small_rss(monkeypatch):
     """The test process (Airflow, pandas, pytest) holds more than the tiny budgets used here."""
-    monkeypatch.setattr(chunked_module, "current_rss", lambda: 0)
+    monkeypatch.setattr(budget, "current_rss", lambda: 0)
+    monkeypatch.setattr(streaming, "current_rss", lambda: 0)
 
 
 def context(try_number: int = 1, run_id: str = "manual__2026-01-01T00:00:00+00:00") -> dict[str, Any]:
@@ -358,7 +359,7 @@ def test_streaming_halves_chunks_when_memory_goes_over_budget(tmp_path, monkeypa
     path = tmp_path / "sales.csv"
     sales_csv(path, 5000)
     readings = iter([10**12, 10**12, 10**12, 10**12])
-    monkeypatch.setattr(chunked_module, "current_rss", lambda: next(readings, 0))
+    monkeypatch.setattr(streaming, "current_rss", lambda: next(readings, 0))
     op = ChunkedFileOperator(task_id="stream", path=str(path), memory_budget="100MiB", overhead="99.9MiB",
                              process=sum_by_region, combine=merge, output_dir=str(tmp_path / "out"))
     ctx = context()
@@ -459,7 +460,8 @@ def test_operators_and_example_dags_do_not_import_pandas_or_pyarrow():
 
     code = (
         "import sys\n"
-        "import airflow_asyncq_provider.operators\n"
+        "import airflow_asyncq_provider.operators as ops\n"
+        "[getattr(ops, name) for name in ops.__all__]\n"
         "import airflow_asyncq_provider.example_dags.asyncq_chunked_csv_etl\n"
         "import airflow_asyncq_provider.example_dags.asyncq_memory_guard\n"
         "import airflow_asyncq_provider.example_dags.asyncq_report_pipeline\n"

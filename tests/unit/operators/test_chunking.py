@@ -9,15 +9,15 @@ import json
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from airflow_asyncq_provider.errors import ConfigError
-from airflow_asyncq_provider.operators import chunking, reading
-from airflow_asyncq_provider.operators.chunked import memory_budget_bytes
-from airflow_asyncq_provider.operators.chunking import Chunk, RecordLayout
+from airflow_asyncq_provider.operators import boundaries, chunking, reading
+from airflow_asyncq_provider.operators.boundaries import RecordLayout
+from airflow_asyncq_provider.operators.budget import memory_budget_bytes
+from airflow_asyncq_provider.operators.chunk import Chunk
 from airflow_asyncq_provider.operators.errors import ChunkPlanningError, MalformedInputError
-
-pd = pytest.importorskip("pandas")
 
 MIB = 1024**2
 CSV = RecordLayout.for_input("csv")
@@ -27,7 +27,7 @@ def plan(path: Path, *, budget: int = 512 * MIB, overhead: int = 100 * MIB, layo
          header: bool = True, **kwargs):
     data_size = path.stat().st_size
     with open(path, "rb") as fh:
-        columns = reading.read_columns(fh, chunking.header_end(fh, data_size, layout, header), {}) \
+        columns = reading.read_columns(fh, boundaries.header_end(fh, data_size, layout, header), {}) \
             if layout.format == "csv" and header else None
         parse = reading.sample_parser(file_format=layout.format, columns=columns, read_options={})
         return chunking.plan_chunks(str(path), fh, data_size, layout=layout, header=header, budget=budget,
@@ -67,9 +67,9 @@ def test_find_record_end_skips_newlines_inside_quotes():
     data = b'a,b\n1,"x\ny\nz"\n2,w\n'
     fh = io.BytesIO(data)
     # byte 8 is inside the quoted field of record 2: its end is after 'z"\n'
-    assert chunking.find_record_end(fh, 4, 8, len(data), CSV) == data.index(b'2,w')
+    assert boundaries.find_record_end(fh, 4, 8, len(data), CSV) == data.index(b'2,w')
     # the newline layout would cut inside the quotes
-    assert chunking.find_record_end(fh, 4, 8, len(data), RecordLayout(quotechar=None)) == data.index(b"y")
+    assert boundaries.find_record_end(fh, 4, 8, len(data), RecordLayout(quotechar=None)) == data.index(b"y")
 
 
 def test_record_spanning_the_target_ends_the_chunk(tmp_path):
@@ -159,6 +159,26 @@ def test_budget_smaller_than_one_record_is_a_clear_error(tmp_path):
     with pytest.raises(ChunkPlanningError,
                        match=r"a record of \d+ bytes does not fit one chunk.*raise memory_budget"):
         plan(path, budget=100 * MIB + 1024, overhead=100 * MIB)
+
+
+def test_plan_refuses_a_late_record_bigger_than_a_chunk_may_be(tmp_path):
+    """The sample sees only small records; the scan finds the big one further on (the same check as the
+    streaming operator's)."""
+    path = tmp_path / "late.csv"
+    rows = "".join(f"r{i % 5},{i},\n" for i in range(3000))
+    path.write_text("region,amount,note\n" + rows + "r1,1," + "x" * 200_000 + "\n")
+    late = r"late.csv: the record ending at byte \d+ is longer than \d+ bytes.*memory_budget 100 MiB; raise"
+    with pytest.raises(ChunkPlanningError, match=late):
+        plan(path, budget=100 * MIB, overhead=int(99.95 * MIB), sample_bytes=1024)
+
+
+def test_record_fits_check_is_exact_at_the_limit():
+    # a range cut for 100 bytes that ends at 150 holds a record of at least 51 bytes
+    chunking.check_record_fits("x.csv", 0, 150, chunk_bytes=100, max_chunk_bytes=51, budget=2 * MIB)
+    with pytest.raises(ChunkPlanningError, match=r"x.csv: the record ending at byte 150 is longer than 50 "
+                                                 r"bytes, the most one chunk may hold under memory_budget "
+                                                 r"2 MiB; raise memory_budget"):
+        chunking.check_record_fits("x.csv", 0, 150, chunk_bytes=100, max_chunk_bytes=50, budget=2 * MIB)
 
 
 def test_record_larger_than_the_whole_budget_is_not_read_into_memory(tmp_path):
@@ -275,7 +295,7 @@ def test_split_chunk_into_record_aligned_pieces(tmp_path):
     path.write_bytes(tricky_csv(1000))
     (chunk,) = plan(path).chunks
     with open(path, "rb") as fh:
-        pieces = chunking.split_chunk(fh, chunk, 4, CSV)
+        pieces = boundaries.split_chunk(fh, chunk, 4, CSV)
     assert len(pieces) == 4
     assert [p.piece for p in pieces] == [0, 1, 2, 3] and {p.pieces for p in pieces} == {4}
     assert_tiles([Chunk(**{**p.__dict__, "index": i, "count": 4}) for i, p in enumerate(pieces)],
@@ -290,4 +310,5 @@ def test_split_chunk_of_one_record_cannot_split(tmp_path):
     path.write_bytes(b"a\n" + b"x" * 5000 + b"\n")
     (chunk,) = plan(path).chunks
     with open(path, "rb") as fh:
-        assert chunking.split_chunk(fh, chunk, 2, CSV) == [chunk.__class__(**{**chunk.__dict__, "pieces": 1})]
+        assert boundaries.split_chunk(fh, chunk, 2, CSV) == [
+            chunk.__class__(**{**chunk.__dict__, "pieces": 1})]

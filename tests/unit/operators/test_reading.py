@@ -7,10 +7,8 @@ import io
 import pytest
 
 from airflow_asyncq_provider.operators import reading
-from airflow_asyncq_provider.operators.chunking import Chunk
+from airflow_asyncq_provider.operators.chunk import Chunk
 from airflow_asyncq_provider.operators.errors import ChunkingError, MalformedInputError
-
-pd = pytest.importorskip("pandas")
 
 
 def chunk_of(data: bytes, header_end: int, fmt: str = "csv") -> Chunk:
