@@ -87,6 +87,14 @@ CONFIG_OPTIONS: dict[str, ConfigOption] = {
         "the next heartbeat, so one busy moment cannot stall the scheduler loop.",
         "integer", "5000", "5000",
     ),
+    "event_wait": _opt(
+        "Seconds the executor's sync() waits for a worker's next event when the scheduler is about to "
+        "idle: the executor tracks tasks, was handed no work this loop, has no event pending and is the "
+        "scheduler's only executor. An event ends the wait at once, so a freed slot is refilled in the "
+        "next scheduler loop instead of after [scheduler] scheduler_idle_sleep_time. 0 turns it off. "
+        "Must be below publish_timeout.",
+        "float", "0.5", "0.5", inclusive=True,
+    ),
     "event_stream_maxlen": _opt(
         "Approximate length the event stream is trimmed to. Must be far larger than the number of "
         "events produced between two scheduler heartbeats.",

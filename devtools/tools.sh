@@ -10,6 +10,6 @@ command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 |
 command -v iptables >/dev/null || missing+=(iptables)
 if ((${#missing[@]})); then
   echo "tools: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}"
 fi

@@ -68,6 +68,8 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         self._recovery_ids: set[str] = set()  # the workloads a Redis switch may have lost (liveness.py)
         self._grace_until = 0.0
         self._warned_stuck: set[str] = set()
+        self._sole_executor = False  # set by start(): may sync() wait for events (_should_wait)?
+        self._handed_work = False  # queue_workload() was called since the last sync()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -87,6 +89,7 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         # adoption time.
         self._last_event_id = events.latest_id(self._redis, self.keys)
         self._app = make_celery_app(self.settings)
+        self._sole_executor = _is_sole_executor()
         self.log.info("AsyncQExecutor started: broker %s, events after %s",
                       mask_url(self.settings.broker_url), self._last_event_id)
 
@@ -120,6 +123,10 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
             self._redis.close()
 
     # ---------------------------------------------------------------- publishing
+    def queue_workload(self, workload: Any, session: Any) -> None:
+        self._handed_work = True
+        super().queue_workload(workload, session)
+
     def _process_workloads(self, workload_items: Sequence[ExecutorWorkload]) -> None:
         outgoing = []
         for workload in workload_items:
@@ -243,7 +250,9 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         if periodic:
             self._next_liveness = now + LIVENESS_EVERY
             self._guarded(self._check_redis_restart)
-        self._read_events()
+        if self._read_events() == 0 and self._should_wait():
+            self._read_events(block_ms=int(self.settings.event_wait * 1000))
+        self._handed_work = False
         if periodic and self._tracked:
             self._guarded(self._recover_lost_messages)
             self._guarded(self._check_worker_liveness)
@@ -255,6 +264,15 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
             self._guarded(self._emit_queue_metrics)
         metrics.timing("asyncq.executor.sync_duration", time.monotonic() - now)
 
+    def _should_wait(self) -> bool:
+        """Whether the scheduler is about to sleep ``scheduler_idle_sleep_time``, so that waiting here for
+        an outcome costs it nothing it would not sleep anyway. It sleeps when its loop queued no task
+        instance and processed no event (``SchedulerJobRunner._run_scheduler_loop``): this heartbeat was
+        handed no work, no event is pending, and no other executor could have been handed any."""
+        assert self.settings is not None
+        return (self.settings.event_wait > 0 and self._sole_executor and bool(self._tracked)
+                and not self._handed_work and not self.event_buffer)
+
     def _guarded(self, step: Any) -> None:
         try:
             step()
@@ -262,12 +280,12 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
             self.log.warning("AsyncQExecutor %s failed (%s: %s); will retry", step.__name__,
                              type(exc).__name__, mask_secrets(str(exc)))
 
-    def _read_events(self) -> int:
+    def _read_events(self, block_ms: int | None = None) -> int:
         """Read at most ``event_batch_size`` new events. Cost follows changes, not running tasks."""
         assert self.settings is not None
         try:
             batch = events.read_since(self._redis, self.keys, self._last_event_id,
-                                      self.settings.event_batch_size)
+                                      self.settings.event_batch_size, block_ms)
         except Exception as exc:
             self.log.warning("Reading the event stream failed (%s: %s); retrying next heartbeat",
                              type(exc).__name__, mask_secrets(str(exc)))
@@ -421,3 +439,13 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
             records.revoke(self._redis, self.keys, task_id, self.settings.state_ttl)
         except Exception:
             self.log.exception("Could not revoke %s", task_id)
+
+
+def _is_sole_executor() -> bool:
+    """True when the scheduler runs no executor but this one (any team's counts as another)."""
+    try:
+        from airflow.executors.executor_loader import ExecutorLoader
+
+        return len(ExecutorLoader.get_executor_names(validate_teams=False)) == 1
+    except Exception:
+        return False  # unknown: never make another executor's work wait

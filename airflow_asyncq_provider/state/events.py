@@ -82,9 +82,10 @@ def contains(client: redis.Redis, keys: Keys, stream_id: str) -> bool:
 
 @translated
 def read_since(
-    client: redis.Redis, keys: Keys, last_id: str, count: int
+    client: redis.Redis, keys: Keys, last_id: str, count: int, block_ms: int | None = None
 ) -> list[tuple[str, Mapping[str, str]]]:
-    reply = client.xread({keys.events: last_id}, count=count)
+    """``block_ms``: wait up to that long for the first new event (``XREAD BLOCK``); None returns at once."""
+    reply = client.xread({keys.events: last_id}, count=count, block=block_ms)
     if not reply:
         return []
     return list(reply[0][1])

@@ -180,6 +180,43 @@ def test_sync_turns_events_into_states(executor, redis_client, key_prefix, queue
     assert executor.running == {dup.ti.key}  # a duplicate delivery reports nothing
 
 
+def test_an_idle_sync_waits_for_the_next_outcome_and_returns_with_it(asyncq_env, redis_client, key_prefix,
+                                                                     queue_name, make_workload, states):
+    """What [asyncq] event_wait buys the scheduler: an outcome written while its loop would sleep is
+    applied by the sync() already waiting, at once, not after the idle sleep and the next loop."""
+    import threading
+
+    from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
+
+    asyncq_env.setenv("AIRFLOW__ASYNCQ__EVENT_WAIT", "1.5")
+    executor = AsyncQExecutor()
+    with mock.patch("airflow_asyncq_provider.executors.asyncq_executor._is_sole_executor", return_value=True):
+        executor.start()
+    try:
+        workload = make_workload(task_id="waited", queue=queue_name)
+        _publish(executor, [workload])
+        executor.sync()  # this loop was handed the workload: no wait
+        executor.get_event_buffer()
+
+        started = time.monotonic()
+        executor.sync()  # nothing happens: it waits event_wait, then returns with nothing
+        assert time.monotonic() - started >= 1.4
+        assert executor.get_event_buffer() == {}
+
+        task_id = workload.ti.external_executor_id
+        timer = threading.Timer(0.3, events.emit, (redis_client, Keys(key_prefix), task_id, events.SUCCESS),
+                                {"maxlen": 10_000, "ttl": 60, "hostname": "w-it@h", "exit_code": 0})
+        timer.start()
+        started = time.monotonic()
+        executor.sync()
+        waited = time.monotonic() - started
+        timer.join()
+        assert executor.get_event_buffer() == {workload.ti.key: (states.SUCCESS, task_id)}
+        assert 0.25 <= waited < 1.4, f"sync() returned after {waited:.2f} s, not with the event"
+    finally:
+        executor.end()
+
+
 def test_started_on_a_worker_without_heartbeat_is_lost(executor, redis_client, key_prefix, queue_name,
                                                        make_workload, states):
     keys = Keys(key_prefix)

@@ -167,8 +167,8 @@ class FakeRedis:
         stream.append((stream_id, {k: str(v) for k, v in fields.items()}))
         return stream_id
 
-    def xread(self, streams: dict[str, str], count: int | None = None) -> list[Any]:
-        self._cmd("XREAD")
+    def xread(self, streams: dict[str, str], count: int | None = None, block: int | None = None) -> list[Any]:
+        self._cmd("XREAD" if block is None else f"XREAD BLOCK {block}")  # never blocks: a test is single-threaded
         ((name, last),) = streams.items()
         newer = [(i, f) for i, f in self.stream if _sid(i) > _sid(last)][:count]
         return [[name, newer]] if newer else []

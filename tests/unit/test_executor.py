@@ -240,6 +240,63 @@ def test_sync_cost_does_not_grow_with_idle_tasks(executor, fake_redis, ti_key):
     assert fake_redis.pipelines_executed == 0
 
 
+# ------------------------------------------------------------------------------ waiting for events
+@pytest.fixture
+def sole_executor(executor, ti_key):
+    """The executor as the scheduler's only executor, with one task on the fleet."""
+    executor._sole_executor = True
+    executor._next_liveness = executor._next_queue_check = float("inf")  # only the reads are looked at
+    _track(executor, ti_key(), "id-1", hostname="w1", started=True)
+    return executor
+
+
+def test_sync_waits_for_an_event_when_the_scheduler_would_sleep(sole_executor, fake_redis):
+    sole_executor.sync()
+    assert fake_redis.commands == ["XREAD", "XREAD BLOCK 500"]  # [asyncq] event_wait = 0.5 s
+
+
+@pytest.mark.parametrize("why", ["handed work", "event pending", "another executor", "nothing tracked",
+                                 "turned off", "an event was read"])
+def test_sync_does_not_wait_when_the_scheduler_has_work(sole_executor, fake_redis, ti_key, states, why):
+    import dataclasses
+
+    if why == "handed work":
+        sole_executor._handed_work = True  # what queue_workload() sets (tested below)
+    elif why == "event pending":
+        sole_executor.event_buffer[ti_key("other")] = (states.SUCCESS, None)
+    elif why == "another executor":
+        sole_executor._sole_executor = False
+    elif why == "nothing tracked":
+        sole_executor._tracked.clear()
+    elif why == "turned off":
+        sole_executor.settings = dataclasses.replace(sole_executor.settings, event_wait=0.0)
+    else:
+        fake_redis.stream.append(("5-0", {"id": "id-1", "kind": "heartbeat"}))
+    sole_executor.sync()
+    assert fake_redis.commands == ["XREAD"]
+
+
+def test_queue_workload_counts_as_work_for_one_sync(sole_executor, fake_redis, make_workload):
+    sole_executor.queue_workload(make_workload(), session=None)
+    sole_executor.sync()  # the scheduler queued a task this loop: it will not sleep, so neither do we
+    sole_executor.sync()  # the next loop queued nothing
+    assert fake_redis.commands == ["XREAD", "XREAD", "XREAD BLOCK 500"]
+
+
+def test_is_sole_executor_counts_every_configured_executor():
+    from airflow_asyncq_provider.executors import asyncq_executor
+
+    with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
+                    return_value=["AsyncQExecutor"]):
+        assert asyncq_executor._is_sole_executor()
+    with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
+                    return_value=["LocalExecutor", "AsyncQExecutor"]):
+        assert not asyncq_executor._is_sole_executor()
+    with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
+                    side_effect=RuntimeError("no config")):
+        assert not asyncq_executor._is_sole_executor()
+
+
 # -------------------------------------------------------------------------------------- liveness
 def test_lost_worker_fails_its_tasks_with_a_reason(executor, fake_redis, ti_key, states):
     live, lost = ti_key("live"), ti_key("lost")
