@@ -91,8 +91,8 @@ CONFIG_OPTIONS: dict[str, ConfigOption] = {
         "Seconds the executor's sync() waits for a worker's next event when the scheduler is about to "
         "idle: the executor tracks tasks, was handed no work this loop, has no event pending and is the "
         "scheduler's only executor. An event ends the wait at once, so a freed slot is refilled in the "
-        "next scheduler loop instead of after [scheduler] scheduler_idle_sleep_time. 0 turns it off. "
-        "Must be below publish_timeout.",
+        "next scheduler loop instead of after [scheduler] scheduler_idle_sleep_time. 0 turns it off; "
+        "at most half of publish_timeout, the executor's Redis read timeout, is used.",
         "float", "0.5", "0.5", inclusive=True,
     ),
     "event_stream_maxlen": _opt(

@@ -353,11 +353,6 @@ def _check_across_options(settings: AsyncQSettings) -> None:
             and settings.default_memory_limit < settings.default_memory_request):
         raise ConfigError(f"[{SECTION}] default_memory_limit is below default_memory_request; "
                           "the limit must be at least the request")
-    if settings.event_wait >= settings.publish_timeout:
-        raise ConfigError(
-            f"[{SECTION}] event_wait ({settings.event_wait}) must be below publish_timeout "
-            f"({settings.publish_timeout}), the executor's Redis read timeout; {_fix_hint('event_wait')}"
-        )
     if settings.worker_lost_timeout < 2 * settings.worker_heartbeat_interval:
         raise ConfigError(
             f"[{SECTION}] worker_lost_timeout ({settings.worker_lost_timeout}) must be at least twice "

@@ -17,6 +17,7 @@ deleted at the end. Prints every run and the medians.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import statistics
@@ -71,13 +72,15 @@ def workload(queue: str) -> Any:
 def one_publish(dead_url: str, queue: str) -> float:
     """Seconds one ``_process_workloads`` took; a fresh executor each time, so no connection is reused."""
     from airflow_asyncq_provider.executors.asyncq_executor import AsyncQExecutor
+    from airflow_asyncq_provider.state.client import make_redis
 
     executor = AsyncQExecutor()
     executor.start()
     try:
         item = workload(queue)
         executor.queue_workload(item, session=None)
-        executor._app.conf.broker_url = dead_url  # the broker goes away after start, as in the test
+        executor._redis.close()  # the broker goes away after start, as in the test
+        executor._redis = make_redis(dataclasses.replace(executor.settings, broker_url=dead_url))
         started = time.monotonic()
         executor._process_workloads([item])
         elapsed = time.monotonic() - started

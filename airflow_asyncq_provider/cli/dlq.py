@@ -44,14 +44,13 @@ def dlq(args: argparse.Namespace) -> None:
     elif action == "replay":
         record = _pick(records, args.index)
         queue = args.queue or record.get("queue") or settings.default_queue
-        from airflow_asyncq_provider.broker.config import make_celery_app
         from airflow_asyncq_provider.broker.messages import send_workload
         from airflow_asyncq_provider.state import records
 
         task_id = record.get("id")
         if task_id:
             records.reset_deliveries(client, keys, task_id)  # a replay starts its delivery count afresh
-        send_workload(make_celery_app(settings), task_id=task_id, payload=record.get("payload"),
+        send_workload(client, task_id=task_id, payload=record.get("payload"),
                       meta=record.get("meta"), queue=queue)
         store.remove(client, keys, record)
         print(f"replayed #{args.index} ({task_id}) to queue {queue!r}")

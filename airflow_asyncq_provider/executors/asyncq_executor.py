@@ -6,7 +6,6 @@ neither Celery nor Redis at module level, and ``__init__`` opens no connection: 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -53,8 +52,6 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         self.settings: AsyncQSettings | None = None
         self.keys = Keys()
         self._redis: Any = None
-        self._app: Any = None
-        self._producer: Any = None
         self._tracked: dict[Any, Tracked] = {}
         self._keys_by_id: dict[str, Any] = {}
         self._last_event_id = "0-0"
@@ -73,7 +70,6 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        from airflow_asyncq_provider.broker.config import make_celery_app
         from airflow_asyncq_provider.settings import load_settings
         from airflow_asyncq_provider.state.client import make_redis, ping_or_raise
 
@@ -88,26 +84,9 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         # Read only what happens from now on; earlier outcomes are found in the task records at
         # adoption time.
         self._last_event_id = events.latest_id(self._redis, self.keys)
-        self._app = make_celery_app(self.settings)
         self._sole_executor = _is_sole_executor()
         self.log.info("AsyncQExecutor started: broker %s, events after %s",
                       mask_url(self.settings.broker_url), self._last_event_id)
-
-    def _get_producer(self) -> Any:
-        if self._producer is None:
-            # max_retries=0: a dead broker fails this publish at once instead of sleeping in kombu's
-            # reconnect back-off inside the scheduler loop; the next heartbeat tries again.
-            connection = self._app.connection_for_write(transport_options={"max_retries": 0})
-            self._producer = self._app.amqp.Producer(connection, auto_declare=True)
-        return self._producer
-
-    def _reset_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                producer.connection.release()
-            except Exception:
-                self.log.debug("Closing the broker connection failed", exc_info=True)
 
     def end(self) -> None:
         """Drain the outcomes already written to the stream, then close the connections."""
@@ -118,7 +97,6 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         self.terminate()
 
     def terminate(self) -> None:
-        self._reset_producer()
         if self._redis is not None:
             self._redis.close()
 
@@ -145,7 +123,6 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         try:
             self._publish(outgoing)
         except PublishError as exc:
-            self._reset_producer()
             for item in outgoing:
                 self._publish_failed(item, exc)
             return
@@ -165,28 +142,22 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         return outgoing_for(workload, self.settings)
 
     def _publish(self, outgoing: list[Outgoing]) -> None:
-        """Record, publish, then mark sent, every workload in one batch over the persistent connection.
+        """Record and publish every workload of the batch in one MULTI over the executor's Redis client.
 
-        The record comes first and the sent mark last: if the scheduler dies in between, adoption finds
-        a record without the mark and hands the task instance back to Airflow to reset, instead of
-        waiting for a message that never left (``try_adopt_task_instances``). The message id equals the
-        pre-assigned ``external_executor_id``, so a second publish of the same workload (a retry, a
-        republish) is claimed once and dropped as a duplicate.
+        The record, the message and its ``sent_at`` mark land together or not at all, so an adopting
+        scheduler never finds a message without its record, nor a record marked sent whose message is
+        not queued (``try_adopt_task_instances``). The message id equals the pre-assigned
+        ``external_executor_id``, so a second publish of the same workload (a retry, a republish) is
+        claimed once and dropped as a duplicate.
         """
-        from airflow_asyncq_provider.broker.messages import send_workload
+        from airflow_asyncq_provider.broker.messages import encode_workload
 
         assert self.settings is not None
         try:
-            records.publish(self._redis, self.keys,
-                            [records.NewRecord(i.task_id, i.key_json, i.queue) for i in outgoing],
-                            self.settings.state_ttl)
-            producer = self._get_producer()
-            batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()
-            with batch:
-                for item in outgoing:
-                    send_workload(self._app, task_id=item.task_id, payload=item.workload.model_dump_json(),
-                                  meta=item.meta, queue=item.queue, key=item.label, priority=item.priority,
-                                  producer=producer, retry=False)
+            batch = [records.NewRecord(item.task_id, item.key_json, item.queue, encode_workload(
+                task_id=item.task_id, payload=item.workload.model_dump_json(), meta=item.meta,
+                queue=item.queue, key=item.label, priority=item.priority)) for item in outgoing]
+            records.publish(self._redis, self.keys, batch, self.settings.state_ttl)
         except Exception as exc:
             for queue, count in Counter(item.queue for item in outgoing).items():
                 metrics.incr("asyncq.executor.publish_failures", {"queue": queue}, count)
@@ -196,22 +167,6 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
             ) from exc
         for queue, count in Counter(item.queue for item in outgoing).items():
             metrics.incr("asyncq.executor.published", {"queue": queue}, count)
-        self._mark_sent(outgoing)
-
-    def _mark_sent(self, outgoing: list[Outgoing]) -> None:
-        """Only after the whole batch was sent: a batch that failed part-way is marked at its retry.
-
-        A failure here does not undo the publish, so it is logged, not raised: the workloads run as
-        usual. Only if this scheduler died before a worker took them would an adopter reset them, and
-        the messages that then arrive are refused by the Execution API (the reset TI has a new id)."""
-        assert self.settings is not None
-        try:
-            records.mark_sent(self._redis, self.keys, [item.task_id for item in outgoing],
-                              self.settings.state_ttl)
-        except Exception as exc:
-            self.log.warning("Sent %d workload(s) but could not mark them sent in Redis (%s: %s); they run "
-                             "as usual, but if this scheduler dies before a worker takes them, the adopting "
-                             "scheduler resets them", len(outgoing), type(exc).__name__, mask_secrets(str(exc)))
 
     def _publish_failed(self, item: Outgoing, exc: PublishError) -> None:
         assert self.settings is not None
@@ -251,7 +206,8 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
             self._next_liveness = now + LIVENESS_EVERY
             self._guarded(self._check_redis_restart)
         if self._read_events() == 0 and self._should_wait():
-            self._read_events(block_ms=int(self.settings.event_wait * 1000))
+            wait = min(self.settings.event_wait, self.settings.publish_timeout / 2)  # within the read timeout
+            self._read_events(block_ms=int(wait * 1000))
         self._handed_work = False
         if periodic and self._tracked:
             self._guarded(self._recover_lost_messages)
@@ -335,7 +291,6 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         try:
             self._publish(items)
         except PublishError as exc:
-            self._reset_producer()
             self.log.warning("Re-publishing %d workload(s) (%s) failed, will retry: %s", len(items), why, exc)
             return False
         metrics.incr("asyncq.executor.republished", {"reason": reason}, len(items))
@@ -442,10 +397,11 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
 
 
 def _is_sole_executor() -> bool:
-    """True when the scheduler runs no executor but this one (any team's counts as another)."""
+    """True when the scheduler runs no executor but an AsyncQExecutor (any team's counts as another)."""
     try:
         from airflow.executors.executor_loader import ExecutorLoader
 
-        return len(ExecutorLoader.get_executor_names(validate_teams=False)) == 1
+        names = ExecutorLoader.get_executor_names(validate_teams=False)
+        return len(names) == 1 and issubclass(ExecutorLoader.import_executor_cls(names[0])[0], AsyncQExecutor)
     except Exception:
         return False  # unknown: never make another executor's work wait

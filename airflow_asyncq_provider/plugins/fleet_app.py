@@ -85,7 +85,6 @@ class Fleet:
     settings: AsyncQSettings
     client: redis.Redis
     keys: Keys
-    _celery: Any = None
     _last: tuple[float, dict[str, Any]] | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -102,14 +101,6 @@ class Fleet:
         """After an action: the next read shows its effect."""
         with self._lock:
             self._last = None
-
-    def celery(self) -> Any:
-        """The Celery app replays publish with, made on the first replay."""
-        if self._celery is None:
-            from airflow_asyncq_provider.broker.config import make_celery_app
-
-            self._celery = make_celery_app(self.settings)
-        return self._celery
 
 
 def open_fleet() -> Fleet:
@@ -206,7 +197,7 @@ def set_maintenance(fleet: Fleet, body: MaintenanceBody, user: BaseUser) -> dict
 def replay(fleet: Fleet, body: ReplayBody) -> dict[str, Any]:
     """What ``airflow asyncq dlq replay`` does: a fresh delivery count, the same message again on its
     queue, then the dead letter removed."""
-    from kombu.exceptions import KombuError
+    import redis
 
     from airflow_asyncq_provider.broker.messages import send_workload
 
@@ -218,9 +209,9 @@ def replay(fleet: Fleet, body: ReplayBody) -> dict[str, Any]:
     queue = record.get("queue") or fleet.settings.default_queue
     records.reset_deliveries(fleet.client, fleet.keys, body.id)
     try:
-        send_workload(fleet.celery(), task_id=body.id, payload=record.get("payload"),
+        send_workload(fleet.client, task_id=body.id, payload=record.get("payload"),
                       meta=record.get("meta"), queue=queue)
-    except (KombuError, OSError) as exc:
+    except (redis.RedisError, OSError) as exc:
         raise PublishError(f"replaying {body.id} to queue {queue!r} failed ({type(exc).__name__}: "
                            f"{mask_all(str(exc))}); the dead letter is kept") from exc
     dlq.remove(fleet.client, fleet.keys, record)

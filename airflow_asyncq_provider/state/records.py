@@ -2,7 +2,7 @@
 
 Only this module (and ``events``, which writes the latest state into the record in the same MULTI as
 the stream entry) names the record's fields. The executor writes ``key``, ``queue`` and
-``published_at``, and ``sent_at`` once the message has left for the broker; a worker counts
+``published_at``, and ``sent_at`` with the message, in the same MULTI; a worker counts
 ``deliveries``, claims it (``claimed_by``) and renews its lease; the executor or the CLI revokes it
 (``revoked``).
 """
@@ -41,6 +41,8 @@ class NewRecord:
     task_id: str
     key_json: str
     queue: str
+    #: ``(list, raw message)`` from ``broker.messages.encode_workload``: pushed in the record's MULTI.
+    message: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,32 +54,26 @@ class Claim:
 
 @translated
 def publish(client: redis.Redis, keys: Keys, records: Sequence[NewRecord], ttl: int) -> None:
-    """One round trip for a batch; ``state`` is set only if no worker wrote one already (a republish)."""
-    pipe = client.pipeline(transaction=False)
+    """One round trip and one MULTI for a batch: each record, its message and its ``sent_at`` land
+    together or not at all, so a record never says "sent" for a message that is not in the queue, and
+    a message never runs without its record. ``state`` is set only if no worker wrote one already (a
+    republish)."""
+    pipe = client.pipeline(transaction=True)
     now = f"{time.time():.3f}"
+    pushes: dict[str, list[str]] = {}
     for record in records:
         name = keys.task(record.task_id)
-        pipe.hset(name, mapping={KEY: record.key_json, QUEUE: record.queue, PUBLISHED_AT: now})
+        fields = {KEY: record.key_json, QUEUE: record.queue, PUBLISHED_AT: now}
+        if record.message is not None:
+            fields[SENT_AT] = now
+            pushes.setdefault(record.message[0], []).append(record.message[1])
+        pipe.hset(name, mapping=fields)
         pipe.hsetnx(name, STATE, PUBLISHED)
         pipe.expire(name, ttl)
+    for queue_list, raws in pushes.items():
+        pipe.lpush(queue_list, *raws)  # one LPUSH keeps their order: the first pushed is popped first
     if records:
         pipe.sadd(keys.queues, *{record.queue for record in records})
-    pipe.execute()
-
-
-@translated
-def mark_sent(client: redis.Redis, keys: Keys, task_ids: Sequence[str], ttl: int) -> None:
-    """One round trip for the batch whose messages were just sent. Without this mark, adoption cannot
-    tell a record whose message went out from one whose publisher died before sending it.
-
-    The ``expire`` bounds the rare record that this write creates afresh (Redis lost it just now)."""
-    if not task_ids:
-        return
-    pipe = client.pipeline(transaction=False)
-    now = f"{time.time():.3f}"
-    for task_id in task_ids:
-        pipe.hset(keys.task(task_id), SENT_AT, now)
-        pipe.expire(keys.task(task_id), ttl)
     pipe.execute()
 
 

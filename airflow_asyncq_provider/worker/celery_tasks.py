@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_asyncq_provider.broker.messages import EXECUTE_WORKLOAD, send_workload
 
 if TYPE_CHECKING:
+    import redis
     from celery import Celery
 
     from airflow_asyncq_provider.worker.runner import WorkloadRunner
@@ -19,12 +20,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def requeue_to(app: Celery) -> Any:
+def requeue_to(client: redis.Redis) -> Any:
     """The runner's way to hand a message back to the broker: the same contract as every publisher."""
 
     def requeue(task_id: str, payload: str, meta: Any, queue: str, priority: int | None,
                 key: dict[str, Any] | None) -> None:
-        send_workload(app, task_id=task_id, payload=payload, meta=meta, queue=queue, priority=priority,
+        send_workload(client, task_id=task_id, payload=payload, meta=meta, queue=queue, priority=priority,
                       key=key)
 
     return requeue

@@ -93,7 +93,7 @@ class Worker:
         self.app = make_celery_app(settings)
         self.watchdog = Watchdog(settings.watchdog_interval, self._watch_list, self._over_limit)
         self.runner = WorkloadRunner(settings, self.hostname, self.forks, self.client, self.admission,
-                                     requeue=requeue_to(self.app), log_folder=log_folder,
+                                     requeue=requeue_to(self.client), log_folder=log_folder,
                                      peak_of=self.watchdog.pop_peak)
         register_tasks(self.app, self.runner)
         self.lane: LaneProcess | None = None

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from airflow_asyncq_provider.broker.config import make_celery_app, priority_step
+from airflow_asyncq_provider.broker.config import priority_step
 from airflow_asyncq_provider.broker.messages import send_workload, ti_key
 from airflow_asyncq_provider.get_provider_info import CONFIG_OPTIONS
 from airflow_asyncq_provider.settings import AsyncQSettings, load_settings
@@ -239,16 +239,12 @@ def test_documented_lists_hold_what_was_published(redis_client, key_prefix, new_
         documented[_claimed(trigger, worker_args.queues)[1]] = queue + name[len(doc_queue):]
     weights = [1000, 500, 100, 50, 20, 10, 5, 3, 2, 1, 7000, 1, 1, 25]  # every step, some twice
     settings = AsyncQSettings(broker_url=REDIS_URL, key_prefix=key_prefix, default_queue=queue)
-    app = make_celery_app(settings)
-    try:
-        for weight in weights:
-            w = make_workload(queue=queue, priority_weight=weight, task_id=f"w{weight}")
-            send_workload(app, task_id=str(uuid.uuid4()), payload=w.model_dump_json(),
-                          meta={"memory_request": settings.default_memory_request, "memory_limit": None},
-                          queue=queue, priority=priority_step(weight),
-                          key=ti_key(w.ti.dag_id, w.ti.task_id, w.ti.run_id, w.ti.try_number, w.ti.map_index))
-    finally:
-        app.close()
+    for weight in weights:
+        w = make_workload(queue=queue, priority_weight=weight, task_id=f"w{weight}")
+        send_workload(redis_client, task_id=str(uuid.uuid4()), payload=w.model_dump_json(),
+                      meta={"memory_request": settings.default_memory_request, "memory_limit": None},
+                      queue=queue, priority=priority_step(weight),
+                      key=ti_key(w.ti.dag_id, w.ti.task_id, w.ti.run_id, w.ti.try_number, w.ti.map_index))
 
     published = Counter(priority_step(w) for w in weights)
     assert set(published) == set(queues.PRIORITY_STEPS)

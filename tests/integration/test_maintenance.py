@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from airflow_asyncq_provider.broker.config import make_celery_app
-from airflow_asyncq_provider.broker.messages import send_workload, ti_key
+from airflow_asyncq_provider.broker.messages import encode_workload, ti_key
 from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state import events, records, registry
 from airflow_asyncq_provider.state.keys import Keys
@@ -165,13 +165,14 @@ def _over_heartbeats(fleet: Fleet, beats: int, check: Any = None) -> None:
 
 
 def _publish(fleet: Fleet, make_workload: Any, seconds: float) -> str:
-    """A workload as the executor publishes it: its record first, then the message."""
+    """A workload as the executor publishes it: its record and its message in one MULTI."""
     w = make_workload(queue=fleet.queue, task_id=f"sleep_{seconds:g}")
     task_id = w.ti.external_executor_id
     key = ti_key(w.ti.dag_id, w.ti.task_id, w.ti.run_id, w.ti.try_number, w.ti.map_index)
-    records.publish(fleet.redis, fleet.keys, [records.NewRecord(task_id, json.dumps(key), fleet.queue)], 600)
-    send_workload(fleet.app, task_id=task_id, payload=w.model_dump_json(), meta=None, queue=fleet.queue,
-                  key=key, priority=9)
+    message = encode_workload(task_id=task_id, payload=w.model_dump_json(), meta=None, queue=fleet.queue,
+                              key=key, priority=9)
+    records.publish(fleet.redis, fleet.keys, [records.NewRecord(task_id, json.dumps(key), fleet.queue, message)],
+                    600)
     return task_id
 
 

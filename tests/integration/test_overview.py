@@ -1,6 +1,6 @@
 """state.overview against a real Redis (DB 14, own key prefix and queues), fed the way the fleet feeds
-it: records through ``records.publish``, messages through kombu (``send_workload``), heartbeats through
-``registry.heartbeat``. What the unit tier's fake cannot show: that kombu really writes the lists
+it: records and messages through ``records.publish`` as the executor writes them, heartbeats through
+``registry.heartbeat``. What the unit tier's fake cannot show: that the real lists are the ones
 ``depths`` counts, and that a real stream trims fleet events.
 """
 
@@ -12,14 +12,10 @@ import uuid
 
 import pytest
 
-from airflow_asyncq_provider.broker.config import make_celery_app
-from airflow_asyncq_provider.broker.messages import send_workload
-from airflow_asyncq_provider.settings import AsyncQSettings
+from airflow_asyncq_provider.broker.messages import encode_workload
 from airflow_asyncq_provider.state import dlq, fleet_events, overview, queues, records, registry
 from airflow_asyncq_provider.state.keys import Keys
 from airflow_asyncq_provider.state.registry import RunningTask, WorkerInfo
-
-from ._support import REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -32,25 +28,22 @@ def _info(queues: list[str], tasks: dict[str, RunningTask] | None = None) -> Wor
                       tasks=tasks or {})
 
 
-def _publish(app, client, keys: Keys, queue: str, priority: int) -> str:
+def _publish(client, keys: Keys, queue: str, priority: int) -> str:
     task_id = f"it-{uuid.uuid4()}"
-    records.publish(client, keys, [records.NewRecord(task_id, json.dumps({"dag_id": "d"}), queue)], ttl=600)
-    send_workload(app, task_id=task_id, payload='{"type": "ExecuteTask"}', meta=None, queue=queue,
-                  priority=priority)
+    message = encode_workload(task_id=task_id, payload='{"type": "ExecuteTask"}', meta=None, queue=queue,
+                              priority=priority)
+    records.publish(client, keys, [records.NewRecord(task_id, json.dumps({"dag_id": "d"}), queue, message)],
+                    ttl=600)
     return task_id
 
 
 def test_snapshot_of_a_fleet_fed_through_its_own_writers(redis_client, key_prefix, new_queue):
     keys = Keys(key_prefix)
     served, orphan = new_queue(), new_queue()
-    app = make_celery_app(AsyncQSettings(broker_url=REDIS_URL, key_prefix=key_prefix, default_queue=served))
-    try:
-        _publish(app, redis_client, keys, served, 9)
-        _publish(app, redis_client, keys, served, 2)
-        _publish(app, redis_client, keys, served, 9)
-        _publish(app, redis_client, keys, orphan, 0)
-    finally:
-        app.close()
+    _publish(redis_client, keys, served, 9)
+    _publish(redis_client, keys, served, 2)
+    _publish(redis_client, keys, served, 9)
+    _publish(redis_client, keys, orphan, 0)
     started = time.time() - 5
     registry.heartbeat(redis_client, keys, "w1@it", _info([served], {
         "run-1": RunningTask(pid=9, pss=1024, limit=None, request=1, started_at=started)}), ttl=60)
@@ -89,12 +82,8 @@ def test_oldest_age_is_the_first_published(redis_client, key_prefix, new_queue):
     """The oldest waiting workload is at the tail of its list: its record's published_at gives the age."""
     keys = Keys(key_prefix)
     queue = new_queue()
-    app = make_celery_app(AsyncQSettings(broker_url=REDIS_URL, key_prefix=key_prefix, default_queue=queue))
-    try:
-        first = _publish(app, redis_client, keys, queue, 5)
-        _publish(app, redis_client, keys, queue, 5)
-    finally:
-        app.close()
+    first = _publish(redis_client, keys, queue, 5)
+    _publish(redis_client, keys, queue, 5)
     redis_client.hset(keys.task(first), records.PUBLISHED_AT, f"{time.time() - 120:.3f}")
     (depth,) = queues.depths(redis_client, keys, [queue])
     assert depth.depth == 2 and 119 <= depth.oldest_age < 130

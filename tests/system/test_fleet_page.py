@@ -19,9 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from airflow_asyncq_provider.broker.config import make_celery_app
 from airflow_asyncq_provider.broker.messages import send_workload
-from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state import dlq, registry
 from airflow_asyncq_provider.state.keys import Keys
 from devtools.stack import Stack
@@ -158,9 +156,7 @@ def test_the_page_shows_and_steers_the_fleet_in_chromium(stack: Stack, fleet: tu
              180, "both sleepers to run on a worker", stack, every=1)
     # A real dead letter: a malformed message that w-highmem refuses.
     probe = f"fleet-page-probe-{uuid.uuid4().hex[:8]}"
-    settings = AsyncQSettings(broker_url=stack.env["AIRFLOW__ASYNCQ__BROKER_URL"], key_prefix=keys.prefix)
-    send_workload(make_celery_app(settings), task_id=probe, payload='{"type": "FleetPageProbe"}', meta=None,
-                  queue="high_mem")
+    send_workload(client, task_id=probe, payload='{"type": "FleetPageProbe"}', meta=None, queue="high_mem")
     wait_for(lambda: [r for r in dlq.entries(client, keys) if r.get("id") == probe], 60,
              "w-highmem to dead-letter the probe", stack)
 

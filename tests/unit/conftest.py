@@ -6,6 +6,8 @@ records every command so tests can assert what the executor asked Redis for.
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,21 @@ class StubConf:
     def get(self, section: str, key: str, fallback: Any = None) -> Any:
         self.asked.append((section, key))
         return self.sections.get(section, {}).get(key, fallback)
+
+
+def workload_messages(fake: FakeRedis) -> list[dict[str, Any]]:
+    """The workload messages in the fake's lists, decoded as a worker would, oldest first in each list."""
+    found = []
+    for name, items in fake.lists.items():
+        for raw in reversed(items):
+            message = json.loads(raw)
+            if not isinstance(message, dict) or "headers" not in message:
+                continue  # a dead letter, not a message
+            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            found.append({"list": name, "task_id": message["headers"]["id"], "args": args, "kwargs": kwargs,
+                          "argsrepr": message["headers"]["argsrepr"],
+                          "priority": message["properties"]["priority"]})
+    return found
 
 
 class FakePipeline:

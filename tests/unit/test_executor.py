@@ -11,6 +11,7 @@ import pytest
 
 from airflow_asyncq_provider.errors import PublishError
 from airflow_asyncq_provider.state import events
+from tests.unit.conftest import workload_messages
 
 
 @pytest.fixture
@@ -276,6 +277,14 @@ def test_sync_does_not_wait_when_the_scheduler_has_work(sole_executor, fake_redi
     assert fake_redis.commands == ["XREAD"]
 
 
+def test_the_wait_stays_within_the_read_timeout(sole_executor, fake_redis):
+    import dataclasses
+
+    sole_executor.settings = dataclasses.replace(sole_executor.settings, event_wait=3.0, publish_timeout=2.0)
+    sole_executor.sync()
+    assert fake_redis.commands == ["XREAD", "XREAD BLOCK 1000"]  # half of publish_timeout
+
+
 def test_queue_workload_counts_as_work_for_one_sync(sole_executor, fake_redis, make_workload):
     sole_executor.queue_workload(make_workload(), session=None)
     sole_executor.sync()  # the scheduler queued a task this loop: it will not sleep, so neither do we
@@ -284,14 +293,16 @@ def test_queue_workload_counts_as_work_for_one_sync(sole_executor, fake_redis, m
 
 
 def test_is_sole_executor_counts_every_configured_executor():
+    from airflow.executors.executor_loader import ExecutorName
+
     from airflow_asyncq_provider.executors import asyncq_executor
 
-    with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
-                    return_value=["AsyncQExecutor"]):
-        assert asyncq_executor._is_sole_executor()
-    with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
-                    return_value=["LocalExecutor", "AsyncQExecutor"]):
-        assert not asyncq_executor._is_sole_executor()
+    ours = ExecutorName("airflow_asyncq_provider.executors.AsyncQExecutor")
+    local = ExecutorName("airflow.executors.local_executor.LocalExecutor")
+    for names, sole in (([ours], True), ([local], False), ([local, ours], False)):
+        with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
+                        return_value=names):
+            assert asyncq_executor._is_sole_executor() is sole, names
     with mock.patch("airflow.executors.executor_loader.ExecutorLoader.get_executor_names",
                     side_effect=RuntimeError("no config")):
         assert not asyncq_executor._is_sole_executor()
@@ -381,7 +392,6 @@ def test_publish_failure_is_retried_then_fails_the_task(executor, make_workload,
     workload = make_workload()
     key = workload.ti.key
     executor.queued_tasks[key] = workload
-    executor._producer = mock.Mock()
     executor._publish = mock.Mock(side_effect=PublishError("broker said no"))  # type: ignore[method-assign]
 
     for attempt in (1, 2):  # publish_max_retries=2: two retries stay queued
@@ -389,7 +399,6 @@ def test_publish_failure_is_retried_then_fails_the_task(executor, make_workload,
         assert key in executor.queued_tasks, attempt
         assert executor._publish_failures[key] == attempt
         assert key not in executor.event_buffer
-    assert executor._producer is None  # the connection is reset after a failure
 
     executor._process_workloads([workload])
     assert key not in executor.queued_tasks
@@ -419,44 +428,36 @@ def test_success_after_a_failed_publish_resets_the_count(executor, make_workload
     assert key not in executor._publish_failures and key in executor.running
 
 
-def test_publish_error_names_the_masked_broker(executor, make_workload):
-    executor._app = mock.Mock()
-    executor._app.send_task.side_effect = TimeoutError("Timeout reading from socket")
-    executor._producer = mock.Mock(spec=["connection"])
+def test_publish_error_names_the_masked_broker(executor, fake_redis, make_workload):
+    fake_redis.fail_with = TimeoutError("Timeout reading from socket")
     with pytest.raises(PublishError) as err:
         executor._publish([executor._outgoing(make_workload())])
     assert str(err.value) == ("publishing 1 workload(s) to redis://:***@fake-redis:6379/0 failed: "
-                              "TimeoutError: Timeout reading from socket")
-    assert isinstance(err.value.__cause__, TimeoutError)
+                              "StateUnavailable: publish: Redis unreachable (TimeoutError: Timeout reading "
+                              "from socket)")
+    assert isinstance(err.value.__cause__.__cause__, TimeoutError)
 
 
-def test_publish_error_masks_the_broker_password(executor, make_workload):
-    executor._app = mock.Mock()
-    executor._app.send_task.side_effect = OSError("connect to redis://:hunter2@fake-redis:6379/0 failed")
-    executor._producer = mock.Mock(spec=["connection"])
+def test_publish_error_masks_the_broker_password(executor, fake_redis, make_workload):
+    fake_redis.fail_with = OSError("connect to redis://:hunter2@fake-redis:6379/0 failed")
     with pytest.raises(PublishError) as err:
         executor._publish([executor._outgoing(make_workload())])
     assert "hunter2" not in str(err.value)
     assert "redis://:***@fake-redis:6379/0" in str(err.value)
 
 
-def test_publish_writes_the_record_before_sending(executor, fake_redis, make_workload):
+def test_publish_writes_the_record_and_the_message(executor, fake_redis, make_workload):
     workload = make_workload(priority_weight=600)
     item = executor._outgoing(workload)
-    order: list[str] = []
-    executor._app = mock.Mock()
-    executor._app.send_task.side_effect = lambda *a, **k: order.append(
-        "send" if f"unit:task:{item.task_id}" in fake_redis.hashes else "send-before-record")
-    executor._producer = mock.Mock(spec=["connection"])
     executor._publish([item])
-    assert order == ["send"]
     record = fake_redis.hashes[f"unit:task:{item.task_id}"]
     assert record["state"] == "published" and record["queue"] == "default"
     assert fake_redis.ttls[f"unit:task:{item.task_id}"] == executor.settings.state_ttl
-    (call,) = executor._app.send_task.call_args_list
-    assert call.kwargs["task_id"] == item.task_id and call.kwargs["priority"] == 1
-    assert call.kwargs["args"][0] == workload.model_dump_json()
-    assert "tok" not in call.kwargs.get("argsrepr", "")  # the token never reaches Celery's logs
+    (message,) = workload_messages(fake_redis)
+    assert message["list"] == "default\x06\x161"  # priority_weight 600 is priority step 1
+    assert message["task_id"] == item.task_id and message["priority"] == 1
+    assert message["args"][0] == workload.model_dump_json()
+    assert "tok" not in message["argsrepr"]  # the token never reaches Celery's logs
 
 
 # -------------------------------------------------------------------------------------- revoke
@@ -613,20 +614,34 @@ def clock(monkeypatch):
     return fake
 
 
+class PublishSpy:
+    """Wraps the message encoder: every workload message the executor builds, the refused ones too."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.fail_with: Exception | None = None  # set: every publish fails with it
+
+    def wrap(self, encode: Any) -> Any:
+        def spied(**fields: Any) -> tuple[str, str]:
+            self.ids.append(fields["task_id"])
+            if self.fail_with is not None:
+                raise self.fail_with
+            return encode(**fields)
+
+        return spied
+
+
 @pytest.fixture
-def celery(executor):
-    """The real publish path with Celery stubbed: ``executor._app.send_task`` records every message."""
-    executor._app = mock.Mock()
-    executor._producer = mock.Mock(spec=["connection"])
-    return executor._app
+def sent(monkeypatch) -> PublishSpy:
+    from airflow_asyncq_provider.broker import messages
 
-
-def _sent_ids(app) -> list[str]:
-    return [call.kwargs["task_id"] for call in app.send_task.call_args_list]
+    spy = PublishSpy()
+    monkeypatch.setattr(messages, "encode_workload", spy.wrap(messages.encode_workload))
+    return spy
 
 
 def test_a_switch_seen_while_idle_does_not_republish_what_is_published_after_it(executor, fake_redis,
-                                                                                make_workload, celery, clock):
+                                                                                make_workload, sent, clock):
     """The run_id changes while the executor tracks nothing; a workload published afterwards went to the
     new Redis, so it is never republished as "lost" (nor counted as a redis_restart republish)."""
     executor.sync()  # learns the run_id
@@ -638,12 +653,12 @@ def test_a_switch_seen_while_idle_does_not_republish_what_is_published_after_it(
     clock.now += 10 * executor.settings.worker_heartbeat_interval  # long past the workers' next heartbeat
     executor._next_liveness = 0.0
     executor.sync()
-    assert _sent_ids(celery) == [workload.ti.external_executor_id]
+    assert sent.ids == [workload.ti.external_executor_id]
     assert executor._recovery_at is None
 
 
 def test_a_switch_republishes_only_what_was_waiting_when_it_was_seen(executor, fake_redis, make_workload,
-                                                                    celery, clock):
+                                                                    sent, clock):
     before, after, started = (make_workload(task_id=n) for n in ("before", "after", "started"))
     _publish_now(executor, [before, started])
     executor._apply(started.ti.external_executor_id, events.STARTED, {"hostname": "w1"})
@@ -655,13 +670,13 @@ def test_a_switch_republishes_only_what_was_waiting_when_it_was_seen(executor, f
     clock.now += 10 * executor.settings.worker_heartbeat_interval
     executor._recover_lost_messages()
     ids = [w.ti.external_executor_id for w in (before, started, after, before)]
-    assert _sent_ids(celery) == ids
+    assert sent.ids == ids
     # the republished workload is marked sent again, in the Redis that forgot the first mark
     assert "sent_at" in fake_redis.hashes[f"unit:task:{before.ti.external_executor_id}"]
     assert executor._recovery_at is None and executor._recovery_ids == set()
 
 
-def test_a_recovery_whose_republish_fails_is_tried_again(executor, fake_redis, make_workload, celery, clock):
+def test_a_recovery_whose_republish_fails_is_tried_again(executor, fake_redis, make_workload, sent, clock):
     """Just after a switch the new master may still refuse the re-publish: the recovery stays armed for
     the same workloads and goes through on a later heartbeat, instead of leaving them to
     task_queued_timeout."""
@@ -671,58 +686,37 @@ def test_a_recovery_whose_republish_fails_is_tried_again(executor, fake_redis, m
     fake_redis.run_id = "after-restart"
     fake_redis.hashes.clear()
     executor._check_redis_restart()
-    celery.send_task.side_effect = OSError("still switching")
+    sent.fail_with = OSError("still switching")
     clock.now += 10 * executor.settings.worker_heartbeat_interval
     executor._recover_lost_messages()
     assert executor._recovery_at is not None and executor._recovery_ids == {lost.ti.external_executor_id}
-    tries = _sent_ids(celery).count(lost.ti.external_executor_id)  # the publish, the refused re-publish
+    tries = sent.ids.count(lost.ti.external_executor_id)  # the publish, the refused re-publish
     assert tries == 2
-    celery.send_task.side_effect = None
-    executor._producer = mock.Mock(spec=["connection"])  # the failure dropped the stub's producer
+    sent.fail_with = None
     executor._recover_lost_messages()  # not yet: one heartbeat interval between tries
-    assert _sent_ids(celery).count(lost.ti.external_executor_id) == tries
+    assert sent.ids.count(lost.ti.external_executor_id) == tries
     clock.now += executor.settings.worker_heartbeat_interval
     executor._recover_lost_messages()
-    assert _sent_ids(celery).count(lost.ti.external_executor_id) == tries + 1
+    assert sent.ids.count(lost.ti.external_executor_id) == tries + 1
     assert executor._recovery_at is None and executor._recovery_ids == set()
 
 
 # -------------------------------------------------------------------------------------- sent marks
-def test_publish_marks_the_batch_sent_after_sending_in_one_round_trip(executor, fake_redis, make_workload,
-                                                                      celery):
+def test_publish_writes_records_messages_and_marks_in_one_round_trip(executor, fake_redis, make_workload):
     items = [executor._outgoing(make_workload(task_id=n)) for n in ("a", "b", "c")]
-    marked_when_sent: list[bool] = []
-    celery.send_task.side_effect = lambda *a, **k: marked_when_sent.append(
-        "sent_at" in fake_redis.hashes[f"unit:task:{k['task_id']}"])
     executor._publish(items)
-    assert marked_when_sent == [False, False, False]
-    assert fake_redis.pipelines_executed == 2  # the records, then the marks: never one per workload
+    assert fake_redis.pipelines_executed == 1  # one MULTI, never one per workload
+    assert [m["task_id"] for m in workload_messages(fake_redis)] == [i.task_id for i in items]  # in order
     for item in items:
         assert float(fake_redis.hashes[f"unit:task:{item.task_id}"]["sent_at"]) > 0
         assert fake_redis.ttls[f"unit:task:{item.task_id}"] == executor.settings.state_ttl
 
 
-def test_a_failed_send_marks_nothing(executor, fake_redis, make_workload, celery):
-    item = executor._outgoing(make_workload())
-    celery.send_task.side_effect = OSError("gone")
+def test_a_failed_publish_writes_nothing(executor, fake_redis, make_workload):
+    fake_redis.fail_with = OSError("gone")
     with pytest.raises(PublishError):
-        executor._publish([item])
-    record = fake_redis.hashes[f"unit:task:{item.task_id}"]
-    assert record["state"] == "published" and "sent_at" not in record
-
-
-def test_a_mark_that_fails_does_not_fail_the_publish(executor, make_workload, celery, monkeypatch, states):
-    from airflow_asyncq_provider.errors import StateUnavailable
-    from airflow_asyncq_provider.state import records
-
-    monkeypatch.setattr(records, "mark_sent", mock.Mock(side_effect=StateUnavailable("mark_sent: down")))
-    executor._log = mock.Mock()
-    workload = make_workload()
-    _publish_now(executor, [workload])
-    assert executor.event_buffer[workload.ti.key] == (states.QUEUED, workload.ti.external_executor_id)
-    assert workload.ti.key in executor.running and workload.ti.key not in executor._publish_failures
-    executor._log.warning.assert_called_once()
-    assert "could not mark them sent" in executor._log.warning.call_args.args[0]
+        executor._publish([executor._outgoing(make_workload())])
+    assert fake_redis.hashes == {} and fake_redis.lists == {}
 
 
 def test_adopt_leaves_a_record_whose_message_was_never_sent_to_airflow(executor, fake_redis, ti_key):

@@ -25,7 +25,7 @@ from airflow_asyncq_provider.plugins import fleet_app, fleet_page
 from airflow_asyncq_provider.settings import AsyncQSettings
 from airflow_asyncq_provider.state import dlq, fleet_events, records, registry
 from airflow_asyncq_provider.state.keys import Keys
-from tests.unit.conftest import FakeRedis
+from tests.unit.conftest import FakeRedis, workload_messages
 from tests.unit.test_imports import PACKAGE, imported_at_import_time
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,16 +87,6 @@ class FleetRedis(FakeRedis):
         return iter([n for n in names if fnmatch.fnmatchcase(n, match)])
 
 
-class CeleryRecorder:
-    """Stands in for the Celery app replays publish with."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send_task(self, name: str, **kwargs: Any) -> None:
-        self.sent.append({"name": name, **kwargs})
-
-
 # ---------------------------------------------------------------------------------------- fixtures
 @pytest.fixture
 def auth(monkeypatch):
@@ -145,19 +135,14 @@ def fake() -> FleetRedis:
 
 
 @pytest.fixture
-def celery() -> CeleryRecorder:
-    return CeleryRecorder()
-
-
-@pytest.fixture
-def opened(fake, celery) -> list[fleet_app.Fleet]:
+def opened(fake) -> list[fleet_app.Fleet]:
     return []
 
 
 @pytest.fixture
-def app(fake, celery, opened):
+def app(fake, opened):
     def opener() -> fleet_app.Fleet:
-        fleet = fleet_app.Fleet(AsyncQSettings(broker_url=BROKER), fake, KEYS, _celery=celery)
+        fleet = fleet_app.Fleet(AsyncQSettings(broker_url=BROKER), fake, KEYS)
         opened.append(fleet)
         return fleet
 
@@ -347,23 +332,23 @@ def test_maintenance_on_an_unknown_worker_is_refused(auth, app):
     assert reply.status_code == 404
 
 
-def test_replay_republishes_like_the_cli_and_removes_the_dead_letter(auth, app, fake, celery):
+def test_replay_republishes_like_the_cli_and_removes_the_dead_letter(auth, app, fake):
     fake.hset(KEYS.task("dead-1"), records.DELIVERIES, 3)
     reply = _client(app, cookies={"_token": auth("admin")}).post(
         "/api/dead-letters/replay", json={"index": 0, "id": "dead-1"})
     assert reply.json() == {"replayed": "dead-1", "queue": "high_mem"}
-    (sent,) = celery.sent
-    assert (sent["task_id"], sent["queue"], sent["args"][1]) == ("dead-1", "high_mem", {"memory_request": 1})
+    (sent,) = workload_messages(fake)
+    assert (sent["task_id"], sent["list"], sent["args"][1]) == ("dead-1", "high_mem", {"memory_request": 1})
     assert sent["argsrepr"] == "(<workload dead-1>)"
     assert records.DELIVERIES not in fake.hashes[KEYS.task("dead-1")]
     assert dlq.entries(fake, KEYS) == []
 
 
-def test_replay_refuses_when_the_list_moved_under_the_page(auth, app, fake, celery):
+def test_replay_refuses_when_the_list_moved_under_the_page(auth, app, fake):
     reply = _client(app, cookies={"_token": auth("admin")}).post(
         "/api/dead-letters/replay", json={"index": 0, "id": "some-other-id"})
     assert reply.status_code == 409
-    assert celery.sent == [] and len(dlq.entries(fake, KEYS)) == 1
+    assert workload_messages(fake) == [] and len(dlq.entries(fake, KEYS)) == 1
 
 
 def test_purge_needs_the_confirmation(auth, app, fake):

@@ -250,15 +250,13 @@ def test_the_real_stats_is_the_one_the_providers_use():
 
 # ------------------------------------------------------------------------------------ the executor
 def test_publishing_counts_per_queue(stats, executor, make_workload):
-    executor._app = mock.Mock()
-    executor._producer = mock.Mock(spec=["connection"])
     items = [executor._outgoing(make_workload(task_id=t, queue=q)) for t, q in [("a", "q1"), ("b", "q1"),
                                                                                    ("c", "q2")]]
     executor._publish(items)
     assert ("incr", "asyncq.executor.published.q1", 2, None) in stats.calls
     assert ("incr", "asyncq.executor.published.q2", 1, None) in stats.calls
 
-    executor._app.send_task.side_effect = OSError("gone")
+    executor._redis.fail_with = OSError("gone")
     with pytest.raises(Exception, match="gone"):
         executor._publish(items[:1])
     assert ("incr", "asyncq.executor.publish_failures.q1", 1, None) in stats.calls
