@@ -24,7 +24,8 @@ connection once it has stopped tracking that pid; only then does the host take a
 a late kill meant for one workload can never reach the next.
 
 Protocol with a host: a socket pair, JSON lines. This server sends the request (plus ``"last"``: exit
-after it); the host answers ``{"done": {"code": ..., "result": ...}}``. A host that dies instead is
+after it); the host answers ``{"done": {"code": ..., "result": ..., "exiting": bool}}`` (``exiting``:
+it exits now, told to or after a crash, and is handed nothing more). A host that dies instead is
 reaped here and its workload's exit carries the signal. If the worker that started this process dies
 (its end of our stdin closes), every host is killed: a task whose worker is gone is reported lost and
 retried by Airflow, and must not keep running beside its retry.
@@ -296,6 +297,7 @@ class ForkServer:
             except (ValueError, KeyError, TypeError):
                 continue
             host.done = True
+            host.last = host.last or bool(done.get("exiting"))
             if host.conn is not None:
                 self._send(host.conn, {"exit": {"code": done.get("code"), "signal": None,
                                                 "result": done.get("result")}})
@@ -423,8 +425,11 @@ def _host(sock: socket.socket, decoder: Any, inherited: list[int]) -> None:
             code, result = _supervise(decoder.validate_json(request["payload"]), str(request.get("id", "")))
             sys.stdout.flush()
             sys.stderr.flush()
-            sock.sendall(json.dumps({"done": {"code": code, "result": result or None}}).encode() + b"\n")
-            if request.get("last") or code == EXIT_CRASHED:
+            # Said with the end, so the server hands this host nothing more while it exits.
+            exiting = bool(request.get("last")) or code == EXIT_CRASHED
+            sock.sendall(json.dumps({"done": {"code": code, "result": result or None,
+                                              "exiting": exiting}}).encode() + b"\n")
+            if exiting:
                 break
         status = 0
     except BaseException:

@@ -18,7 +18,7 @@ import pytest
 from airflow_asyncq_provider.worker.forkclient import Child
 
 SERVER = """
-import sys, time
+import os, sys, time
 from pydantic import TypeAdapter
 from airflow.executors.workloads import ExecutorWorkload
 from airflow_asyncq_provider.worker import forkserver
@@ -28,6 +28,8 @@ def fake(workload, task_id):
     if name == "hang":
         time.sleep(120)
     if name == "crash":
+        exit_now = os._exit
+        os._exit = lambda status: (time.sleep(1), exit_now(status))  # this host lingers as it exits
         return forkserver.EXIT_CRASHED, {"error": "RuntimeError: boom"}
     return (1 if name == "fail" else 0), {}
 
@@ -161,6 +163,17 @@ def test_a_crashed_supervisor_takes_its_host_with_it(shared, payload):
     assert status["result"] == {"error": "RuntimeError: boom"}
     assert _gone(pid)
     assert server.run(payload("ok"))[0] != pid
+
+
+def test_a_host_exiting_after_a_crash_is_handed_nothing_more(shared, payload):
+    """The next workload arrives while the crashed host is still exiting: it goes to another host (it
+    used to reach the exiting one and fail: 'supervisor host exited with code 0 before it reported')."""
+    server = shared
+    crashed, _ = server.run(payload("crash"))
+    pid, status = server.run(payload("ok"))
+    assert status == {"code": 0, "signal": None, "result": None}
+    assert pid != crashed
+    assert _gone(crashed)
 
 
 def test_an_idle_host_exits_after_the_idle_timeout(start, payload):
