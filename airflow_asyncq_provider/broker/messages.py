@@ -13,7 +13,7 @@ protocol 2 inside kombu's JSON envelope, pushed onto the queue's priority list),
 pushed with plain ``LPUSH``: the executor then publishes a batch together with its task records in one
 MULTI, without kombu's per-message publish path (about 130 µs a message, most of 1,000 workloads'
 190 ms). ``tests/integration/test_messages.py`` checks it field by field against what ``send_task``
-writes, and that a real Celery worker runs it.
+writes; the worker tests (``test_maintenance.py``) and every system test run such messages.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ def encode_workload(*, task_id: str, payload: str, meta: dict[str, Any] | None, 
 def send_workload(client: redis.Redis, **message: Any) -> None:
     """Publish one workload message (``encode_workload``'s arguments) on its own."""
     client.lpush(*encode_workload(**message))
-
 
 
 def check_payload(payload: Any) -> dict[str, Any]:
