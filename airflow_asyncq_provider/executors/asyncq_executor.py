@@ -155,7 +155,7 @@ class AsyncQExecutor(LivenessMixin, BaseExecutor):
         assert self.settings is not None
         try:
             batch = [records.NewRecord(item.task_id, item.key_json, item.queue, encode_workload(
-                task_id=item.task_id, payload=item.workload.model_dump_json(), meta=item.meta,
+                task_id=item.task_id, payload=item.payload, meta=item.meta,
                 queue=item.queue, key=item.label, priority=item.priority)) for item in outgoing]
             records.publish(self._redis, self.keys, batch, self.settings.state_ttl)
         except Exception as exc:

@@ -14,27 +14,33 @@ if TYPE_CHECKING:
     from airflow_asyncq_provider.settings import AsyncQSettings
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Outgoing:
     key: Any
     task_id: str
     queue: str
     priority: int
-    workload: Any
+    #: The workload as JSON: all the executor keeps of it until a worker starts it, to publish it again.
+    #: Airflow's pydantic object would cost about 4.6 KiB a workload, its JSON about 1 KiB.
+    payload: str
     meta: dict[str, Any]
-    #: The workload key carried by the record, the events and the message's ``argsrepr``.
-    label: dict[str, Any]
+    #: The workload key carried by the record, the events and the message's ``argsrepr``, as JSON (a
+    #: string costs a third of the dict it encodes, and a backlog keeps one per workload).
+    key_json: str
 
     @property
-    def key_json(self) -> str:
-        return json.dumps(self.label)
+    def label(self) -> dict[str, Any]:
+        return json.loads(self.key_json)
 
     def with_fresh_token(self, jwt_generator: Any) -> Outgoing:
-        """The same workload with a newly minted token (its old one expired while it waited)."""
-        workload = self.workload
-        subject = str(workload.ti.id) if hasattr(workload, "ti") else str(workload.callback.id)
-        token = type(workload).generate_token(subject, jwt_generator)
-        return dataclasses.replace(self, workload=workload.model_copy(update={"token": token}))
+        """The same workload with a newly minted token (its old one expired while it waited); the
+        token's subject is the task instance's id, or the callback's, as Airflow mints it."""
+        from airflow.executors.workloads import ExecuteTask
+
+        data = json.loads(self.payload)
+        owner = data.get("ti") or data.get("callback") or {}
+        data["token"] = ExecuteTask.generate_token(str(owner["id"]), jwt_generator)
+        return dataclasses.replace(self, payload=json.dumps(data))
 
 
 def outgoing_for(workload: Any, settings: AsyncQSettings) -> Outgoing:
@@ -48,16 +54,16 @@ def outgoing_for(workload: Any, settings: AsyncQSettings) -> Outgoing:
     if isinstance(workload, ExecuteTask):
         ti = workload.ti
         task_id = ti.external_executor_id or str(ti.id)
-        label = ti_key(ti.dag_id, ti.task_id, ti.run_id, ti.try_number, ti.map_index)
+        label = json.dumps(ti_key(ti.dag_id, ti.task_id, ti.run_id, ti.try_number, ti.map_index))
         spec = memory_spec(ti.executor_config, f"{ti.dag_id}.{ti.task_id}",
                            settings.default_memory_request, settings.default_memory_limit)
         return Outgoing(ti.key, task_id, ti.queue or settings.default_queue,
-                        priority_step(ti.priority_weight), workload, spec.as_meta(), label)
+                        priority_step(ti.priority_weight), workload.model_dump_json(), spec.as_meta(), label)
     if isinstance(workload, ExecuteCallback):
         data = workload.callback.data if isinstance(workload.callback.data, dict) else {}
         queue = data.get("queue") or settings.default_queue
         meta = {"memory_request": settings.default_memory_request,
                 "memory_limit": settings.default_memory_limit}
-        return Outgoing(workload.callback.key, str(workload.callback.id), queue, 0, workload, meta,
-                        callback_key(str(workload.callback.id)))
+        return Outgoing(workload.callback.key, str(workload.callback.id), queue, 0, workload.model_dump_json(),
+                        meta, json.dumps(callback_key(str(workload.callback.id))))
     raise ValueError(f"AsyncQExecutor cannot run workloads of type {type(workload).__name__}")

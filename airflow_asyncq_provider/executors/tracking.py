@@ -8,7 +8,7 @@ import dataclasses
 from airflow_asyncq_provider.executors.outgoing import Outgoing
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Tracked:
     task_id: str
     queue: str

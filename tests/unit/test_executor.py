@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import types
 from typing import Any
@@ -343,7 +344,7 @@ def test_process_workloads_tracks_and_reports_queued(executor, make_workload, st
     a, b = published
     assert (a.task_id, a.queue, a.priority) == (workloads[0].ti.external_executor_id, "high", 0)
     assert (b.task_id, b.queue, b.priority) == (str(workloads[1].ti.id), "fallback_q", 9)
-    assert a.workload is workloads[0]
+    assert a.payload == workloads[0].model_dump_json()
     assert executor.queued_tasks == {}
     for item, w in zip(published, workloads, strict=True):
         assert w.ti.key in executor.running
@@ -406,6 +407,25 @@ def test_publish_failure_is_retried_then_fails_the_task(executor, make_workload,
     state, info = executor.event_buffer[key]
     assert state == states.FAILED
     assert info == "could not publish to the broker after 3 attempts: broker said no"
+
+
+def test_a_fresh_token_changes_nothing_but_the_token(executor, make_workload):
+    """What a token_expired event republishes: the kept JSON with a token minted for the same TI."""
+    from airflow.executors.workloads import ExecutorWorkload
+    from pydantic import TypeAdapter
+
+    workload = make_workload()
+    item = executor._outgoing(workload)
+    generator = mock.Mock()
+    generator.generate.return_value = "fresh.jwt.token"
+    fresh = item.with_fresh_token(generator)
+    assert generator.generate.call_args.kwargs["extras"] == {"sub": str(workload.ti.id), "scope": "workload"}
+    assert TypeAdapter(ExecutorWorkload).validate_json(fresh.payload).token == "fresh.jwt.token"
+    before, after = json.loads(item.payload), json.loads(fresh.payload)
+    assert after.pop("token") == "fresh.jwt.token" and before.pop("token") == workload.token
+    assert after == before
+    assert (fresh.task_id, fresh.queue, fresh.meta, fresh.label) == (item.task_id, item.queue, item.meta,
+                                                                    item.label)
 
 
 def test_publish_failed_directly(executor, make_workload, states):
