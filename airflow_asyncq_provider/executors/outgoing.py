@@ -24,8 +24,7 @@ class Outgoing:
     #: Airflow's pydantic object would cost about 4.6 KiB a workload, its JSON about 1 KiB.
     payload: str
     meta: dict[str, Any]
-    #: The workload key carried by the record, the events and the message's ``argsrepr``, as JSON (a
-    #: string costs a third of the dict it encodes, and a backlog keeps one per workload).
+    #: The workload key carried by the record, the events and the message's ``argsrepr``, as JSON.
     key_json: str
 
     @property
@@ -54,11 +53,11 @@ def outgoing_for(workload: Any, settings: AsyncQSettings) -> Outgoing:
     if isinstance(workload, ExecuteTask):
         ti = workload.ti
         task_id = ti.external_executor_id or str(ti.id)
-        label = json.dumps(ti_key(ti.dag_id, ti.task_id, ti.run_id, ti.try_number, ti.map_index))
+        key_json = json.dumps(ti_key(ti.dag_id, ti.task_id, ti.run_id, ti.try_number, ti.map_index))
         spec = memory_spec(ti.executor_config, f"{ti.dag_id}.{ti.task_id}",
                            settings.default_memory_request, settings.default_memory_limit)
         return Outgoing(ti.key, task_id, ti.queue or settings.default_queue,
-                        priority_step(ti.priority_weight), workload.model_dump_json(), spec.as_meta(), label)
+                        priority_step(ti.priority_weight), workload.model_dump_json(), spec.as_meta(), key_json)
     if isinstance(workload, ExecuteCallback):
         data = workload.callback.data if isinstance(workload.callback.data, dict) else {}
         queue = data.get("queue") or settings.default_queue
